@@ -1,0 +1,3 @@
+from fastavatar_stream.cli import main
+
+raise SystemExit(main())
