@@ -1,0 +1,85 @@
+"""Incremental fusion of per-window Gaussians into one session avatar.
+
+Every window gives one GaussianSet per base frame (tagged with the stream's frame id) plus one for its FramePack
+slot. The avatar keeps, for each source frame, the Gaussians of the newest window that saw it: an overlap frame is
+re-predicted by the next window in the context of more frames, so its new Gaussians replace the old ones
+(de-duplication). Only the newest FramePack slot is kept, since each window's pool summarises the frames before it.
+After each fold, importance pruning (hard rule: logit > threshold) and a top-k budget bound the avatar's size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.gaussians import GaussianSet
+
+POOL_FRAME = -1
+
+
+@dataclass
+class AvatarVersion:
+    """One published state of a session avatar (engine side; the daemon adds the session id)."""
+
+    version: int
+    gaussians: GaussianSet
+    shape: torch.Tensor | None
+    frames: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+class IncrementalFuser:
+    """Folds window results into one avatar under a Gaussian budget; versions strictly increase."""
+
+    def __init__(self, budget: int = 60_000, threshold: float = 0.0, keep_pool: bool = True) -> None:
+        if budget <= 0:
+            raise ValueError(f"Gaussian budget must be positive, got {budget}")
+        self.budget = budget
+        self.threshold = threshold
+        self.keep_pool = keep_pool
+        self._version = 0
+        self._avatar = GaussianSet.empty()
+        self._shape: torch.Tensor | None = None
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def avatar(self) -> GaussianSet:
+        return self._avatar
+
+    def add_window(self, slots: list[GaussianSet], shape: torch.Tensor | None = None) -> AvatarVersion:
+        """Fold one window: `slots` are the per-frame sets (frame ids inside each set) and optionally the pool set
+        (frame id POOL_FRAME). Returns the new version."""
+        slots = [s.detach() for s in slots if len(s)]
+        new_frames = set()
+        for s in slots:
+            new_frames.update(torch.unique(s.frame).tolist())
+        old = self._avatar
+        if len(old):
+            stale = torch.isin(old.frame, torch.tensor(sorted(new_frames), dtype=torch.long, device=old.frame.device))
+            old = old.select(~stale)
+        if not self.keep_pool:
+            slots = [s.select(s.frame != POOL_FRAME) for s in slots]
+        fused = GaussianSet.fuse([old.to(device=slots[0].device) if slots else old, *slots])
+        before = len(fused)
+        self._avatar = fused.prune(self.threshold, self.budget)
+        if shape is not None:
+            self._shape = shape.detach().clone()
+        return self._publish({"fused": before, "kept": len(self._avatar), "new_frames": sorted(new_frames)})
+
+    def replace(self, gaussians: GaussianSet, stats: dict | None = None) -> AvatarVersion:
+        """Install a refined avatar (same frames); pruned to the budget like any other version."""
+        self._avatar = gaussians.detach().prune(float("-inf"), self.budget)
+        return self._publish(dict(stats or {}, kept=len(self._avatar)))
+
+    def current(self) -> AvatarVersion:
+        return AvatarVersion(self._version, self._avatar, self._shape, self._frames(), {})
+
+    def _frames(self) -> list[int]:
+        return sorted(f for f in torch.unique(self._avatar.frame).tolist() if f != POOL_FRAME)
+
+    def _publish(self, stats: dict) -> AvatarVersion:
+        self._version += 1
+        return AvatarVersion(self._version, self._avatar, self._shape, self._frames(), stats)

@@ -1,0 +1,219 @@
+"""Canonical, FLAME-anchored Gaussian sets: fusion, pruning, animation to world space.
+
+A Gaussian is attached to one point prompt (an anchor vertex of the subdivided head). Its canonical position is
+the anchor's canonical position (identity shape applied) plus an offset; animation moves it with the anchor's
+expression displacement and linear blend skinning, and (by default) turns its rotation with the anchor's
+blended joint rotation. The official release moves positions only (`rotate=False` reproduces that).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from engine.types import FlameParams
+
+if TYPE_CHECKING:  # imported for annotations only: engine.head/prompts import torch-heavy smplx
+    from engine.head import HeadModel
+    from engine.prompts import PointPrompts
+
+MIN_SCALE = 1e-9
+
+
+@dataclass
+class GaussianSet:
+    """M canonical Gaussians.
+
+    anchor:        (M,)   long, index of the point prompt each Gaussian hangs on
+    offset:        (M, 3) canonical offset from the anchor, metres
+    rotation:      (M, 4) unit quaternion wxyz in the anchor's local frame
+    log_scale:     (M, 3) log of the per-axis standard deviation, metres
+    opacity_logit: (M,)   logit of opacity
+    color:         (M, 3) RGB in [0, 1]
+    importance:    (M,)   pruning logit (keep when > 0 under the hard rule)
+    frame:         (M,)   long, id of the source frame that produced the Gaussian (-1: FramePack slot)
+    """
+
+    anchor: torch.Tensor
+    offset: torch.Tensor
+    rotation: torch.Tensor
+    log_scale: torch.Tensor
+    opacity_logit: torch.Tensor
+    color: torch.Tensor
+    importance: torch.Tensor
+    frame: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.anchor.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.offset.device
+
+    @classmethod
+    def empty(cls, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "GaussianSet":
+        f = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        i = lambda: torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
+        return cls(i(), f(0, 3), f(0, 4), f(0, 3), f(0), f(0, 3), f(0), i())
+
+    @classmethod
+    def from_activated(cls, *, anchor: torch.Tensor, offset: torch.Tensor, rotation: torch.Tensor,
+                       scale: torch.Tensor, opacity: torch.Tensor, color: torch.Tensor,
+                       importance: torch.Tensor, frame: int | torch.Tensor) -> "GaussianSet":
+        """Wrap a Gaussian head's activated outputs (linear scales, opacities in [0,1])."""
+        m = anchor.shape[0]
+        frame_t = frame if torch.is_tensor(frame) else torch.full((m,), int(frame), dtype=torch.long,
+                                                                 device=anchor.device)
+        eps = torch.finfo(opacity.dtype).eps
+        opacity = opacity.reshape(m).clamp(eps, 1 - eps)
+        return cls(anchor=anchor.long(), offset=offset, rotation=torch.nn.functional.normalize(rotation, dim=-1),
+                   log_scale=scale.clamp_min(MIN_SCALE).log(), opacity_logit=torch.logit(opacity),
+                   color=color.reshape(m, 3), importance=importance.reshape(m), frame=frame_t.long())
+
+    # -- set operations -------------------------------------------------------------------------------------
+    def select(self, index: torch.Tensor) -> "GaussianSet":
+        """Subset by boolean mask or integer index (M',)."""
+        return GaussianSet(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @staticmethod
+    def fuse(sets: Sequence["GaussianSet"]) -> "GaussianSet":
+        """Concatenate (paper eq. 3). Order is preserved: set 0's Gaussians first."""
+        if not sets:
+            return GaussianSet.empty()
+        return GaussianSet(**{f.name: torch.cat([getattr(s, f.name) for s in sets]) for f in fields(GaussianSet)})
+
+    def prune(self, threshold: float = 0.0, budget: int | None = None) -> "GaussianSet":
+        """Keep Gaussians with importance logit > threshold, then at most `budget` of them by importance.
+
+        Deterministic: ties in importance are broken by position in the set (earlier wins), and the kept
+        Gaussians keep their relative order.
+        """
+        keep = torch.nonzero(self.importance > threshold).squeeze(1)
+        if budget is not None and keep.numel() > budget:
+            order = torch.argsort(self.importance[keep], descending=True, stable=True)[:budget]
+            keep = torch.sort(keep[order]).values
+        return self.select(keep)
+
+    def detach(self) -> "GaussianSet":
+        return GaussianSet(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
+
+    def to(self, *args, **kwargs) -> "GaussianSet":
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to(*args, **kwargs) if value.is_floating_point() else value.to(
+                kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else value.device))
+        return GaussianSet(**out)
+
+    def clone(self) -> "GaussianSet":
+        return GaussianSet(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
+    # -- activated views --------------------------------------------------------------------------------------
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    @property
+    def opacities(self) -> torch.Tensor:
+        return torch.sigmoid(self.opacity_logit)
+
+    # -- animation ------------------------------------------------------------------------------------------
+    def to_world(self, prompts: "PointPrompts", head: "HeadModel", params: FlameParams,
+                 rotate: bool = True) -> dict[str, torch.Tensor]:
+        """Pose the Gaussians for B sets of FLAME parameters.
+
+        Returns means (B,M,3), quats (B,M,4) wxyz, scales (B,M,3), opacities (B,M), colors (B,M,3): the
+        arguments `engine.render` takes with a leading camera axis.
+        """
+        b = params.batch_size
+        canonical = prompts.canonical(params.shape)                      # (B,P,3)
+        displaced = canonical + prompts.expression_offsets(params.expression)
+        local = displaced[:, self.anchor] + self.offset.unsqueeze(0)     # (B,M,3)
+        transforms = head.joint_transforms(params).to(local.dtype)       # (B,J,4,4)
+        weights = prompts.lbs_weights[self.anchor].to(local.dtype)       # (M,J)
+        rot, trans = transforms[..., :3, :3], transforms[..., :3, 3]
+        per_joint = torch.einsum("bjik,bmk->bjmi", rot, local) + trans.unsqueeze(2)  # (B,J,M,3)
+        means = torch.einsum("mj,bjmi->bmi", weights, per_joint) + params.translation.unsqueeze(1).to(local.dtype)
+        quats = self.rotation.unsqueeze(0).expand(b, -1, -1)
+        if rotate:
+            joint_q = matrix_to_quaternion(rot)                            # (B,J,4)
+            sign = torch.where((joint_q * joint_q[:, :1]).sum(-1, keepdim=True) < 0, -1.0, 1.0)
+            blended = torch.einsum("mj,bjq->bmq", weights, joint_q * sign)
+            quats = quaternion_multiply(torch.nn.functional.normalize(blended, dim=-1), quats)
+        m = len(self)
+        return {
+            "means": means,
+            "quats": quats,
+            "scales": self.scales.unsqueeze(0).expand(b, m, 3),
+            "opacities": self.opacities.unsqueeze(0).expand(b, m),
+            "colors": self.color.unsqueeze(0).expand(b, m, 3),
+        }
+
+    def to_arrays(self, prompts: "PointPrompts", head: "HeadModel", params: FlameParams | None = None,
+                  shape: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """World-space arrays for publishing/PLY at one pose (neutral pose with `shape` when params is None).
+
+        Keys: means (M,3), quats (M,4), scales (M,3), opacities (M,), colors (M,3), all float32.
+        """
+        if params is None:
+            n_shape = prompts.shapedirs.shape[-1]
+            params = FlameParams.zeros(1, n_shape, prompts.exprdirs.shape[-1], device=self.device)
+            if shape is not None:
+                params.shape = shape.reshape(1, -1)[:, :n_shape].to(params.shape)
+        with torch.no_grad():
+            world = self.to_world(prompts, head, params.index(0))
+        return {k: v[0].detach().cpu().float().numpy().copy() for k, v in world.items()}
+
+
+def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product of wxyz quaternions, broadcasting over leading axes."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([
+        aw * bw - ax * bx - ay * by - az * bz,
+        aw * bx + ax * bw + ay * bz - az * by,
+        aw * by - ax * bz + ay * bw + az * bx,
+        aw * bz + ax * by - ay * bx + az * bw,
+    ], dim=-1)
+
+
+def matrix_to_quaternion(matrix: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (...,3,3) to unit quaternions wxyz (...,4), w >= 0; stable for all rotations."""
+    m = matrix
+    trace_terms = torch.stack([
+        1 + m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2],
+        1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2],
+        1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2],
+        1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2],
+    ], dim=-1)
+    best = trace_terms.argmax(dim=-1, keepdim=True)
+    r = 0.5 * trace_terms.clamp_min(1e-12).sqrt()  # the magnitude of each component
+    w = r[..., 0]
+    cand_w = torch.stack([w, (m[..., 2, 1] - m[..., 1, 2]) / (4 * w), (m[..., 0, 2] - m[..., 2, 0]) / (4 * w),
+                          (m[..., 1, 0] - m[..., 0, 1]) / (4 * w)], -1)
+    x = r[..., 1]
+    cand_x = torch.stack([(m[..., 2, 1] - m[..., 1, 2]) / (4 * x), x, (m[..., 0, 1] + m[..., 1, 0]) / (4 * x),
+                          (m[..., 0, 2] + m[..., 2, 0]) / (4 * x)], -1)
+    y = r[..., 2]
+    cand_y = torch.stack([(m[..., 0, 2] - m[..., 2, 0]) / (4 * y), (m[..., 0, 1] + m[..., 1, 0]) / (4 * y), y,
+                          (m[..., 1, 2] + m[..., 2, 1]) / (4 * y)], -1)
+    z = r[..., 3]
+    cand_z = torch.stack([(m[..., 1, 0] - m[..., 0, 1]) / (4 * z), (m[..., 0, 2] + m[..., 2, 0]) / (4 * z),
+                          (m[..., 1, 2] + m[..., 2, 1]) / (4 * z), z], -1)
+    cands = torch.stack([cand_w, cand_x, cand_y, cand_z], dim=-2)   # (...,4,4)
+    q = torch.gather(cands, -2, best.unsqueeze(-1).expand(*best.shape[:-1], 1, 4)).squeeze(-2)
+    q = torch.nn.functional.normalize(q, dim=-1)
+    return torch.where(q[..., :1] < 0, -q, q)
+
+
+def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions wxyz (...,4) to rotation matrices (...,3,3)."""
+    q = torch.nn.functional.normalize(q, dim=-1)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=-1).reshape(*q.shape[:-1], 3, 3)
