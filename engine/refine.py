@@ -1,0 +1,172 @@
+"""Per-session refinement: optimise a session avatar against its own tracked frames.
+
+The feed-forward model gives a fast first avatar; the refiner then fits its Gaussians to the session's frames
+with the paper's photometric losses (L1 + SSIM, LPIPS when its backbone is available locally) while regularisers
+keep every Gaussian near its anchor, so the avatar stays animatable by FLAME. Optimisation state survives
+between calls, so the daemon can run short bursts between windows (`RefineSession.step(seconds=...)`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.gaussians import GaussianSet
+from engine.losses import OFFSET_MARGIN, psnr, ssim_loss
+from engine.render import render
+from engine.types import Cameras, FlameParams
+
+
+@dataclass
+class RefineFrames:
+    """N tracked frames at the working resolution.
+
+    images: (N,H,W,3) float in [0,1]; masks: optional (N,H,W,1) weights (1 inside the head region);
+    cameras: N cameras of size W x H; params: FLAME parameters of each frame (batch N);
+    background: (3,) colour the renders are composited on.
+    """
+
+    images: torch.Tensor
+    cameras: Cameras
+    params: FlameParams
+    masks: torch.Tensor | None = None
+    background: torch.Tensor = field(default_factory=lambda: torch.ones(3))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class RefineConfig:
+    """Learning rates (Adam) and regulariser weights. Positions are in metres."""
+
+    batch_frames: int = 2
+    lr_offset: float = 2e-4
+    lr_rotation: float = 2e-3
+    lr_log_scale: float = 5e-3
+    lr_opacity: float = 5e-2
+    lr_color: float = 2e-2
+    weight_l1: float = 0.8
+    weight_ssim: float = 0.2
+    weight_offset: float = 10.0
+    offset_margin: float = OFFSET_MARGIN / 4
+    max_scale: float = 0.01
+    weight_scale: float = 10.0
+    backend: str = "auto"
+    seed: int = 0
+
+
+class RefineSession:
+    """Holds one avatar's trainable parameters and optimiser between refinement bursts."""
+
+    def __init__(self, gaussians: GaussianSet, prompts, head, config: RefineConfig | None = None) -> None:
+        self.config = config or RefineConfig()
+        self.prompts, self.head = prompts, head
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.steps = 0
+        self.last_loss = float("nan")
+        self._reset(gaussians)
+
+    def _reset(self, gaussians: GaussianSet) -> None:
+        g = gaussians.detach()
+        eps = 1e-4
+        self._fixed = {"anchor": g.anchor, "importance": g.importance, "frame": g.frame}
+        self.params = {
+            "offset": g.offset.clone().requires_grad_(True),
+            "rotation": g.rotation.clone().requires_grad_(True),
+            "log_scale": g.log_scale.clone().requires_grad_(True),
+            "opacity_logit": g.opacity_logit.clone().requires_grad_(True),
+            "color_logit": torch.logit(g.color.clamp(eps, 1 - eps)).requires_grad_(True),
+        }
+        c = self.config
+        self.optimizer = torch.optim.Adam([
+            {"params": [self.params["offset"]], "lr": c.lr_offset},
+            {"params": [self.params["rotation"]], "lr": c.lr_rotation},
+            {"params": [self.params["log_scale"]], "lr": c.lr_log_scale},
+            {"params": [self.params["opacity_logit"]], "lr": c.lr_opacity},
+            {"params": [self.params["color_logit"]], "lr": c.lr_color},
+        ], eps=1e-15)
+
+    def set_avatar(self, gaussians: GaussianSet) -> None:
+        """Start over from a new feed-forward avatar (a new window was fused)."""
+        self._reset(gaussians)
+
+    def gaussians(self, detach: bool = True) -> GaussianSet:
+        p = self.params
+        g = GaussianSet(anchor=self._fixed["anchor"], offset=p["offset"],
+                        rotation=torch.nn.functional.normalize(p["rotation"], dim=-1), log_scale=p["log_scale"],
+                        opacity_logit=p["opacity_logit"], color=torch.sigmoid(p["color_logit"]),
+                        importance=self._fixed["importance"], frame=self._fixed["frame"])
+        return g.detach() if detach else g
+
+    def render_frames(self, frames: RefineFrames, index: torch.Tensor, gaussians: GaussianSet | None = None
+                      ) -> dict[str, torch.Tensor]:
+        g = self.gaussians(detach=False) if gaussians is None else gaussians
+        world = g.to_world(self.prompts, self.head, frames.params.index(index))
+        cams = frames.cameras.index(index)
+        return render(world["means"], world["quats"], world["scales"], world["opacities"], world["colors"],
+                      cams.viewmats, cams.Ks, cams.width, cams.height, backend=self.config.backend,
+                      background=frames.background)
+
+    def loss(self, frames: RefineFrames, index: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        out = self.render_frames(frames, index)
+        target = frames.images[index]
+        pred = out["rgb"]
+        if frames.masks is not None:
+            m = frames.masks[index]
+            bg = frames.background.view(1, 1, 1, 3)
+            pred, target = pred * m + bg * (1 - m), target * m + bg * (1 - m)
+        loss = c.weight_l1 * (pred - target).abs().mean() + c.weight_ssim * ssim_loss(pred, target)
+        offset_excess = (self.params["offset"].norm(dim=-1) - c.offset_margin).clamp_min(0)
+        scale_excess = (self.params["log_scale"].exp() - c.max_scale).clamp_min(0)
+        return loss + c.weight_offset * offset_excess.mean() + c.weight_scale * scale_excess.mean()
+
+    def step(self, frames: RefineFrames, *, iterations: int | None = None, seconds: float | None = None
+             ) -> dict[str, float]:
+        """Run optimisation steps until `iterations` are done or `seconds` have passed (at least one step)."""
+        if iterations is None and seconds is None:
+            raise ValueError("refine: give an iteration count or a time budget")
+        if len(frames) == 0:
+            raise ValueError("refine: no frames to refine against")
+        start = time.perf_counter()
+        done = 0
+        while True:
+            index = torch.randperm(len(frames), generator=self.generator)[: self.config.batch_frames]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(frames, index)
+            loss.backward()
+            self.optimizer.step()
+            done += 1
+            self.steps += 1
+            self.last_loss = float(loss.detach())
+            if iterations is not None and done >= iterations:
+                break
+            if seconds is not None and time.perf_counter() - start >= seconds:
+                break
+        return {"iterations": done, "seconds": time.perf_counter() - start, "loss": self.last_loss,
+                "total_steps": self.steps}
+
+    @torch.no_grad()
+    def evaluate(self, frames: RefineFrames) -> dict[str, float]:
+        """Mean PSNR (inside the masks when given) over all frames."""
+        values = []
+        for i in range(len(frames)):
+            index = torch.tensor([i])
+            pred = self.render_frames(frames, index, self.gaussians())["rgb"]
+            target = frames.images[index]
+            if frames.masks is not None:
+                m = frames.masks[index]
+                bg = frames.background.view(1, 1, 1, 3)
+                pred, target = pred * m + bg * (1 - m), target * m + bg * (1 - m)
+            values.append(float(psnr(pred, target).mean()))
+        return {"psnr": sum(values) / len(values)}
+
+
+def refine(gaussians: GaussianSet, frames: RefineFrames, prompts, head, *, iterations: int | None = None,
+           seconds: float | None = None, config: RefineConfig | None = None) -> tuple[GaussianSet, dict]:
+    """One-shot refinement: returns the refined set and stats (iterations, seconds, final loss)."""
+    session = RefineSession(gaussians, prompts, head, config)
+    stats = session.step(frames, iterations=iterations, seconds=seconds)
+    return session.gaussians(), stats
