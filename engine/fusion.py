@@ -40,6 +40,7 @@ class IncrementalFuser:
         self._version = 0
         self._avatar = GaussianSet.empty()
         self._shape: torch.Tensor | None = None
+        self._next_uid = 0
 
     @property
     def version(self) -> int:
@@ -52,7 +53,7 @@ class IncrementalFuser:
     def add_window(self, slots: list[GaussianSet], shape: torch.Tensor | None = None) -> AvatarVersion:
         """Fold one window: `slots` are the per-frame sets (frame ids inside each set) and optionally the pool set
         (frame id POOL_FRAME). Returns the new version."""
-        slots = [s.detach() for s in slots if len(s)]
+        slots = [self._with_uids(s.detach()) for s in slots if len(s)]
         new_frames = set()
         for s in slots:
             new_frames.update(torch.unique(s.frame).tolist())
@@ -62,7 +63,7 @@ class IncrementalFuser:
             old = old.select(~stale)
         if not self.keep_pool:
             slots = [s.select(s.frame != POOL_FRAME) for s in slots]
-        fused = GaussianSet.fuse([old.to(device=slots[0].device) if slots else old, *slots])
+        fused = GaussianSet.fuse([old.to(slots[0].device) if slots else old, *slots])
         before = len(fused)
         self._avatar = fused.prune(self.threshold, self.budget)
         if shape is not None:
@@ -70,9 +71,18 @@ class IncrementalFuser:
         return self._publish({"fused": before, "kept": len(self._avatar), "new_frames": sorted(new_frames)})
 
     def replace(self, gaussians: GaussianSet, stats: dict | None = None) -> AvatarVersion:
-        """Install a refined avatar (same frames); pruned to the budget like any other version."""
-        self._avatar = gaussians.detach().prune(float("-inf"), self.budget)
+        """Install a refined avatar (same frames, uids kept); pruned to the budget like any other version."""
+        self._avatar = self._with_uids(gaussians.detach()).prune(float("-inf"), self.budget)
         return self._publish(dict(stats or {}, kept=len(self._avatar)))
+
+    def _with_uids(self, gaussians: GaussianSet) -> GaussianSet:
+        if gaussians.uid is not None:
+            return gaussians
+        n = len(gaussians)
+        gaussians.uid = torch.arange(self._next_uid, self._next_uid + n, dtype=torch.long,
+                                     device=gaussians.anchor.device)
+        self._next_uid += n
+        return gaussians
 
     def current(self) -> AvatarVersion:
         return AvatarVersion(self._version, self._avatar, self._shape, self._frames(), {})

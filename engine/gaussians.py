@@ -34,6 +34,8 @@ class GaussianSet:
     color:         (M, 3) RGB in [0, 1]
     importance:    (M,)   pruning logit (keep when > 0 under the hard rule)
     frame:         (M,)   long, id of the source frame that produced the Gaussian (-1: FramePack slot)
+    uid:           (M,)   long stable identity handed out by the session's fuser (None until fused); it keeps a
+                   Gaussian's slot in published avatars across versions
     """
 
     anchor: torch.Tensor
@@ -44,6 +46,7 @@ class GaussianSet:
     color: torch.Tensor
     importance: torch.Tensor
     frame: torch.Tensor
+    uid: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.anchor.shape[0])
@@ -56,7 +59,7 @@ class GaussianSet:
     def empty(cls, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "GaussianSet":
         f = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         i = lambda: torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
-        return cls(i(), f(0, 3), f(0, 4), f(0, 3), f(0), f(0, 3), f(0), i())
+        return cls(i(), f(0, 3), f(0, 4), f(0, 3), f(0), f(0, 3), f(0), i(), i())
 
     @classmethod
     def from_activated(cls, *, anchor: torch.Tensor, offset: torch.Tensor, rotation: torch.Tensor,
@@ -73,16 +76,24 @@ class GaussianSet:
                    color=color.reshape(m, 3), importance=importance.reshape(m), frame=frame_t.long())
 
     # -- set operations -------------------------------------------------------------------------------------
+    def _map(self, fn) -> "GaussianSet":
+        return GaussianSet(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                              for f in fields(self)})
+
     def select(self, index: torch.Tensor) -> "GaussianSet":
         """Subset by boolean mask or integer index (M',)."""
-        return GaussianSet(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return self._map(lambda t: t[index])
 
     @staticmethod
     def fuse(sets: Sequence["GaussianSet"]) -> "GaussianSet":
         """Concatenate (paper eq. 3). Order is preserved: set 0's Gaussians first."""
         if not sets:
             return GaussianSet.empty()
-        return GaussianSet(**{f.name: torch.cat([getattr(s, f.name) for s in sets]) for f in fields(GaussianSet)})
+        out = {}
+        for f in fields(GaussianSet):
+            parts = [getattr(s, f.name) for s in sets]
+            out[f.name] = None if any(p is None for p in parts) else torch.cat(parts)
+        return GaussianSet(**out)
 
     def prune(self, threshold: float = 0.0, budget: int | None = None) -> "GaussianSet":
         """Keep Gaussians with importance logit > threshold, then at most `budget` of them by importance.
@@ -97,18 +108,14 @@ class GaussianSet:
         return self.select(keep)
 
     def detach(self) -> "GaussianSet":
-        return GaussianSet(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
+        return self._map(torch.Tensor.detach)
 
-    def to(self, *args, **kwargs) -> "GaussianSet":
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.to(*args, **kwargs) if value.is_floating_point() else value.to(
-                kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else value.device))
-        return GaussianSet(**out)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GaussianSet":
+        """Move to a device; `dtype` applies to the floating-point fields only."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def clone(self) -> "GaussianSet":
-        return GaussianSet(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+        return self._map(torch.Tensor.clone)
 
     # -- activated views --------------------------------------------------------------------------------------
     @property

@@ -143,3 +143,16 @@ def test_incremental_fuser_respects_budget_and_versions_increase():
 def test_incremental_fuser_rejects_nonpositive_budget():
     with pytest.raises(ValueError):
         IncrementalFuser(budget=0)
+
+
+def test_fuser_hands_out_stable_unique_uids():
+    fuser = IncrementalFuser(budget=1000, threshold=float("-inf"))
+    v1 = fuser.add_window([random_set(10, frame=f, seed=f) for f in range(3)])
+    assert v1.gaussians.uid is not None and len(set(v1.gaussians.uid.tolist())) == 30
+    v2 = fuser.add_window([random_set(10, frame=f, seed=f + 50) for f in (2, 3)])
+    kept_old = v2.gaussians.select(v2.gaussians.frame < 2)
+    assert torch.equal(kept_old.uid, v1.gaussians.select(v1.gaussians.frame < 2).uid)
+    new = v2.gaussians.select(v2.gaussians.frame >= 2).uid
+    assert new.min() >= 30  # replaced frames get fresh identities
+    refined = fuser.replace(v2.gaussians.clone())
+    assert torch.equal(refined.gaussians.uid, v2.gaussians.uid)
