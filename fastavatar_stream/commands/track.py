@@ -1,0 +1,215 @@
+"""`fastavatar-stream track VIDEO --out tracks.npz [--preview preview.mp4]`: track a face video offline.
+
+Writes per-frame landmarks and FLAME parameters (see `write_tracks` for the arrays) and optionally a preview
+video with the observed landmarks, the fitted landmarks and the fitted mesh drawn over the frames.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("track", help="track a face video: landmarks and FLAME parameters per frame",
+                              description="Track the face in a video file and write per-frame 68 landmarks and "
+                                          "FLAME parameters (camera axes: OpenCV) to an .npz file.")
+    p.add_argument("video", help="input video file (anything PyAV/FFmpeg reads)")
+    p.add_argument("--out", required=True, help="output .npz path")
+    p.add_argument("--preview", help="optional preview video with landmarks and the fitted mesh drawn over frames")
+    p.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"],
+                   help="landmark backend (auto: face-alignment when its weights are in $TORCH_HOME, else dlib)")
+    p.add_argument("--fov", type=float, default=40.0, help="camera field of view across the larger side (degrees)")
+    p.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0: all)")
+    p.add_argument("--redetect-every", type=int, default=10, help="run the face detector every K frames")
+    p.add_argument("--head", default=None, help="FLAME head model (default: the embedded head)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _open_video(path: str):
+    import av
+
+    if not Path(path).is_file():
+        raise InputError(f"video not found: {path}")
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read video {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"no video stream in {path}")
+    return container
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    import engine
+    from fastavatar_stream.tracking.landmark_model import LandmarkModel
+    from fastavatar_stream.tracking.tracker import FaceTracker, TrackerConfig
+
+    if not 1.0 <= args.fov <= 170.0:
+        raise InputError(f"--fov {args.fov} is outside 1..170 degrees")
+    container = _open_video(args.video)
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+    total = stream.frames or None
+    if args.max_frames:
+        total = min(total, args.max_frames) if total else args.max_frames
+    head = engine.load_head(args.head)
+    model = LandmarkModel.from_head(head)
+    tracker = FaceTracker(model, TrackerConfig(detector=args.detector, fov_degrees=args.fov,
+                                               redetect_every=args.redetect_every))
+    frames = []
+    preview_images = [] if args.preview else None
+    try:
+        decoded = container.decode(stream)
+        for i, av_frame in enumerate(tqdm(decoded, total=total, desc="track", unit="frame", file=sys.stderr)):
+            if args.max_frames and i >= args.max_frames:
+                break
+            image = av_frame.to_ndarray(format="rgb24")
+            pts = float(av_frame.time) if av_frame.time is not None else i / fps
+            tracked = tracker.track(image, pts, i)
+            frames.append(_summary(tracked))
+            if preview_images is not None:
+                preview_images.append(image)
+    except Exception as exc:  # noqa: BLE001 - a broken container mid-file is bad input, not a bug
+        import av
+
+        if isinstance(exc, av.error.FFmpegError):
+            raise InputError(f"cannot decode {args.video}: {exc}")
+        raise
+    finally:
+        container.close()
+    if not frames:
+        raise InputError(f"no frames could be decoded from {args.video}")
+    for index, pose in tracker.identity_refits().items():     # early frames, re-solved under the held identity
+        if frames[index]["valid"]:
+            frames[index]["pose"] = pose
+    camera = tracker._camera
+    arrays = write_tracks(Path(args.out), frames, tracker, camera, fps)
+    n_valid = int(arrays["valid"].sum())
+    log.info("tracked %d/%d frames (%s); wrote %s", n_valid, len(frames), dict(tracker.counts), args.out)
+    if args.preview:
+        write_preview(Path(args.preview), preview_images, arrays, head, model, tracker, camera, fps)
+    return 0
+
+
+def _summary(tracked) -> dict:
+    """What the npz needs of a TrackedFrame (the images are not kept)."""
+    from fastavatar_stream.frames import UNUSABLE
+    from fastavatar_stream.tracking.flame_fit import HeadPose
+
+    pose = None
+    if tracked.flame is not None:
+        f = tracked.flame
+        pose = HeadPose(f.rotation.astype(float), f.translation.astype(float), f.jaw.astype(float),
+                        f.expression.astype(float))
+    return {"valid": tracked.flame is not None and not (tracked.flags & UNUSABLE), "pose": pose,
+            "landmarks": tracked.landmarks, "box": tracked.box, "pts": tracked.pts, "flags": tracked.flags,
+            "size": tracked.image.shape[:2]}
+
+
+def write_tracks(path: Path, frames: list[dict], tracker, camera, fps: float) -> dict:
+    """Arrays written (T frames; invalid frames hold zeros in the parameter arrays):
+
+    valid (T,) bool; landmarks (T, 68, 2) pixels; landmark_confidence (T, 68); box (T, 4);
+    rotation (T, 3) head rotation axis-angle in camera axes (OpenCV; 0 = facing the camera);
+    translation (T, 3) metres, camera-space position of the FLAME origin; expression (T, E); jaw_pose (T, 3);
+    shape (S,); K (3, 3); viewmat (4, 4) world-to-camera; rotation_world, translation_world (T, 3) FLAME's
+    global_orient and transl in world axes; fps (); pts (T,) seconds; image_size (2,) height, width;
+    flag_<name> (T,) bool per quality flag; fit_error_px, fit_error_rel (T,) rms distance of the fitted model's
+    landmarks to the observed ones, in pixels and as a fraction of the landmark box diagonal (NaN when invalid).
+    """
+    from fastavatar_stream.frames import EXTREME_POSE, FIT_FAILED, LOW_CONFIDENCE, NO_FACE, SEVERAL_FACES
+
+    T, E, model = len(frames), tracker.model.n_expression, tracker.model
+    out = {k: np.zeros((T, 3)) for k in ("rotation", "translation", "jaw_pose", "rotation_world", "translation_world")}
+    out["expression"] = np.zeros((T, E))
+    for t, fr in enumerate(frames):
+        pose = fr["pose"]
+        if pose is None or not fr["valid"]:
+            continue
+        rot_c, trans_c = pose.in_camera(model, tracker.shape, camera)
+        out["rotation"][t], out["translation"][t] = rot_c, trans_c
+        out["rotation_world"][t], out["translation_world"][t] = pose.rotation, pose.translation
+        out["jaw_pose"][t] = pose.jaw
+        out["expression"][t, :len(pose.expression)] = pose.expression
+    lms = np.stack([fr["landmarks"] for fr in frames]).astype(np.float32)
+    out["fit_error_px"], out["fit_error_rel"] = np.full(T, np.nan), np.full(T, np.nan)
+    for t, fr in enumerate(frames):
+        if fr["valid"] and fr["pose"] is not None:
+            obs = lms[t, :, :2].astype(float)
+            err = camera.project(tracker.fitter.landmarks_world(fr["pose"], tracker.shape)) - obs
+            rms = float(np.sqrt((err ** 2).sum(1).mean()))
+            out["fit_error_px"][t] = rms
+            out["fit_error_rel"][t] = rms / max(float(np.hypot(*np.ptp(obs, axis=0))), 1e-6)
+    out.update(
+        valid=np.array([fr["valid"] for fr in frames], dtype=bool), landmarks=lms[:, :, :2],
+        landmark_confidence=lms[:, :, 2], box=np.stack([fr["box"] for fr in frames]).astype(np.float32),
+        shape=tracker.shape.astype(np.float32),
+        K=(camera.K if camera is not None else np.eye(3)).astype(np.float32),
+        viewmat=(camera.viewmat if camera is not None else np.eye(4)).astype(np.float32),
+        fps=np.array(fps, dtype=np.float64), pts=np.array([fr["pts"] for fr in frames], dtype=np.float64),
+        image_size=np.array(frames[0]["size"], dtype=np.int64))
+    for flag in (NO_FACE, SEVERAL_FACES, LOW_CONFIDENCE, EXTREME_POSE, FIT_FAILED):
+        out[f"flag_{flag}"] = np.array([flag in fr["flags"] for fr in frames], dtype=bool)
+    for k in ("rotation", "translation", "jaw_pose", "rotation_world", "translation_world", "expression"):
+        out[k] = out[k].astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def write_preview(path: Path, images: list[np.ndarray], arrays: dict, head, model, tracker, camera, fps: float) -> None:
+    """Overlay video: fitted mesh wireframe (blue), observed landmarks (green), fitted landmarks (red)."""
+    from tqdm import tqdm
+
+    from fastavatar_stream.tracking.flame_fit import HeadPose
+    from fastavatar_stream.tracking.preview import PreviewWriter, draw_overlay, mesh_edges, project
+
+    faces = np.asarray(head.faces.detach().cpu().numpy() if hasattr(head.faces, "detach") else head.faces)
+    edges = mesh_edges(faces.astype(np.int64))
+    h, w = images[0].shape[:2]
+    writer = PreviewWriter(path, fps, w, h)
+    try:
+        for t, image in enumerate(tqdm(images, desc="preview", unit="frame", file=sys.stderr)):
+            mesh_2d = model_2d = None
+            if arrays["valid"][t]:
+                pose = HeadPose(arrays["rotation_world"][t].astype(float), arrays["translation_world"][t].astype(float),
+                                arrays["jaw_pose"][t].astype(float), arrays["expression"][t].astype(float))
+                mesh_2d = project(head_vertices(head, pose, tracker.shape), camera)
+                model_2d = project(tracker.fitter.landmarks_world(pose, tracker.shape), camera)
+            overlay = draw_overlay(image, arrays["landmarks"][t] if arrays["box"][t].any() else None, model_2d,
+                                   mesh_2d, edges)
+            writer.write(overlay)
+    finally:
+        writer.close()
+
+
+def head_vertices(head, pose, shape: np.ndarray) -> np.ndarray:
+    """(V, 3) world vertices of the full head mesh for one pose (the engine's FLAME forward)."""
+    import torch
+
+    from engine.types import FlameParams
+
+    def row(x, n):
+        v = torch.zeros(1, n)
+        v[0, :min(n, len(x))] = torch.as_tensor(np.asarray(x[:n], dtype=np.float32))
+        return v
+
+    params = FlameParams(shape=row(shape, head.n_shape), expression=row(pose.expression, head.n_expression),
+                         rotation=row(pose.rotation, 3), neck=torch.zeros(1, 3), jaw=row(pose.jaw, 3),
+                         eyes=torch.zeros(1, 6), translation=row(pose.translation, 3))
+    with torch.no_grad():
+        out = head.forward(params)
+    verts = getattr(out, "vertices", out)
+    return verts[0].detach().cpu().numpy().astype(np.float64)

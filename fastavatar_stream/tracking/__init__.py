@@ -1,0 +1,16 @@
+"""Online face tracking: detection + 68 landmarks, box tracking, and a per-frame FLAME fit to the landmarks.
+
+    tracker = FaceTracker()                      # embedded head, auto-picked landmark backend
+    tracked = tracker.track(image, pts, index)   # -> fastavatar_stream.frames.TrackedFrame
+"""
+from fastavatar_stream.tracking.box_tracker import BoxObservation, BoxTracker
+from fastavatar_stream.tracking.detectors import (DlibDetector, Face, FaceAlignmentDetector, LandmarkDetector,
+                                                  make_detector)
+from fastavatar_stream.tracking.flame_fit import (FitConfig, FitResult, HeadPose, LandmarkFitter, PinholeCamera, View,
+                                                  intrinsics_from_fov)
+from fastavatar_stream.tracking.landmark_model import LandmarkModel
+from fastavatar_stream.tracking.tracker import FaceTracker, TrackerConfig, as_rgb_frame, head_angles
+
+__all__ = ["BoxObservation", "BoxTracker", "DlibDetector", "Face", "FaceAlignmentDetector", "FaceTracker", "FitConfig",
+           "FitResult", "HeadPose", "LandmarkDetector", "LandmarkFitter", "LandmarkModel", "PinholeCamera",
+           "TrackerConfig", "View", "as_rgb_frame", "head_angles", "intrinsics_from_fov", "make_detector"]
