@@ -1,0 +1,92 @@
+"""`fastavatar-stream subscribe --connect tcp://127.0.0.1:P1 --control tcp://127.0.0.1:P2 --out DIR`.
+
+Follows one avatar session published by a daemon (clone pattern: snapshot, then deltas; see
+`protocols.client`), writes `DIR/v<version>.ply` for every applied version and prints one line per
+version on stdout. Without `--session` it follows the first session that arrives.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from pathlib import Path
+
+from fastavatar_stream.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_ENDPOINT = re.compile(r"^(tcp://[^\s:]+:\d{1,5}|ipc://\S+)$")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "subscribe", help="receive avatar versions over ZeroMQ and write a PLY per version",
+        description="Connect to a daemon's avatar publisher (PUB) and control (ROUTER) sockets, rebuild the avatar "
+                    "from a snapshot plus deltas, and write DIR/v<version>.ply (standard 3DGS PLY) for every "
+                    "version applied.")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT",
+                   help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--control", required=True, metavar="ENDPOINT",
+                   help="the daemon's control endpoint (snapshots), e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for v<version>.ply files (created)")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N versions (default: run until Ctrl-C)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up after S seconds without a new version (exit 2 if none arrived at all)")
+    p.add_argument("--session", default=None, help="follow this session (default: the first one that arrives)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _check(args) -> Path:
+    for flag, value in (("--connect", args.connect), ("--control", args.control)):
+        if not _ENDPOINT.match(value):
+            raise UserError(f"{flag} {value!r} is not a ZeroMQ endpoint; use tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555)")
+    if args.count < 0:
+        raise UserError(f"--count {args.count} must be >= 0 (0: no limit)")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout {args.timeout} must be a positive number of seconds")
+    if args.session is not None and not 0 < len(args.session) <= 128:
+        raise UserError("--session must be 1..128 characters")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out folder {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def run(args) -> int:
+    from protocols.client import AvatarSubscriber
+    from protocols.ply import save_ply
+
+    out = _check(args)
+    written = 0
+    session = args.session
+    with AvatarSubscriber(args.connect, args.control, session=session) as sub:
+        while not args.count or written < args.count:
+            try:
+                state = sub.next_version(timeout=args.timeout)
+            except TimeoutError:
+                if written == 0:
+                    raise UserError(f"no avatar version arrived within {args.timeout:g} s from {args.connect} "
+                                    f"(control {args.control}); is the daemon running and publishing"
+                                    f"{' session ' + repr(session) if session else ''}?") from None
+                log.warning("no new version for %g s; stopping after %d versions", args.timeout, written)
+                break
+            if session is None:
+                session = state.session
+                log.info("following session %s", session)
+            elif state.session != session:
+                continue
+            path = save_ply(out / f"v{state.version}.ply", state.arrays)
+            written += 1
+            latency = f"{(time.time() - state.t_capture) * 1e3:.0f} ms" if state.t_capture > 0 else "n/a"
+            print(f"session={state.session} version={state.version} via={state.kind} "
+                  f"gaussians={state.arrays['means'].shape[0]} slots={state.n_slots} "
+                  f"capture_to_apply={latency} -> {path}", flush=True)
+    log.info("wrote %d versions to %s (gaps %d, snapshots %d, malformed %d)", written, out,
+             sub.stats.gaps, sub.stats.snapshots, sub.stats.malformed)
+    return 0

@@ -1,0 +1,327 @@
+"""Avatar subscriber for applications: needs only numpy, msgpack and pyzmq.
+
+    from protocols.client import AvatarSubscriber
+    with AvatarSubscriber("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556") as sub:
+        for state in sub:                       # or sub.next_version(timeout=5.0)
+            print(state.session, state.version, state.arrays["means"].shape)
+
+Clone pattern: the SUB socket connects and subscribes first; then a snapshot is requested on the
+DEALER control socket while deltas are buffered. When the snapshot (version V, seq S) arrives,
+buffered deltas with seq <= S are dropped and the rest applied in order. A delta whose
+base_version is not the version held (the publisher dropped messages for this slow subscriber, or
+this one missed some) triggers a new snapshot request: the subscriber jumps to the newest state.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import zmq
+
+from protocols.avatar_buffer import AvatarBuffer
+from protocols.errors import ProtocolError
+from protocols.wire import Limits, Message, decode
+from protocols.zmq_transport import ControlReply, decode_reply, encode_request, topic_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AvatarVersion:
+    """One applied avatar version. arrays: live Gaussians (compacted copies, slot order):
+    ids (M,), means (M,3), quats (M,4) wxyz, scales (M,3), opacities (M,), colors (M,3), extras."""
+
+    session: str
+    version: int
+    seq: int
+    kind: str  # "snapshot" or "delta": what brought this version
+    arrays: dict[str, np.ndarray]
+    n_slots: int
+    t_capture: float
+    t_publish: float
+    t_received: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SubscriberStats:
+    snapshots: int = 0
+    deltas: int = 0
+    stale: int = 0        # deltas already folded into the snapshot held
+    gaps: int = 0         # deltas that did not chain: a snapshot was re-requested
+    malformed: int = 0    # messages rejected by the decoder
+    snapshot_errors: int = 0
+    resyncs: int = 0      # snapshots requested because `list` showed a newer version than any delta
+
+
+@dataclass
+class _Session:
+    buffer: AvatarBuffer | None = None
+    seq: int = 0
+    pending: deque = field(default_factory=lambda: deque(maxlen=64))  # deltas waiting for a snapshot
+    request_id: int | None = None
+    next_request_at: float = 0.0
+
+
+class AvatarSubscriber:
+    """Receives one session's (or every session's) avatar and yields each applied version.
+
+    connect: the daemon's PUB endpoint; control: its ROUTER endpoint; session: follow only this
+    session (None: every session the daemon publishes). `next_version(timeout)` raises TimeoutError.
+    """
+
+    def __init__(self, connect: str, control: str, session: str | None = None, *, limits: Limits = Limits(),
+                 rcvhwm: int = 8, snapshot_retry_s: float = 0.5, request_timeout_s: float = 5.0,
+                 idle_check_s: float = 1.0) -> None:
+        self.session = session
+        self.idle_check_s = idle_check_s
+        self.limits = limits
+        self.snapshot_retry_s = snapshot_retry_s
+        self.request_timeout_s = request_timeout_s
+        self.stats = SubscriberStats()
+        self._context = zmq.Context()
+        self._sub = self._context.socket(zmq.SUB)
+        self._control = self._context.socket(zmq.DEALER)
+        for sock in (self._sub, self._control):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        self._sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        try:
+            self._sub.connect(connect)
+            self._control.connect(control)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ProtocolError(f"cannot connect to {connect} / {control}: {exc}") from None
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic_for(session) if session is not None else b"")
+        self._poller = zmq.Poller()
+        self._poller.register(self._sub, zmq.POLLIN)
+        self._poller.register(self._control, zmq.POLLIN)
+        self._ids = itertools.count(1)
+        self._sessions: dict[str, _Session] = {}
+        self._ready: deque[AvatarVersion] = deque()
+        self._replies: dict[int, ControlReply] = {}
+        self._awaiting: set[int] = set()  # ids of request() calls still waiting
+        self._list_id: int | None = None
+        self._next_list_at = 0.0  # when to ask `list` again (discovery / staleness check)
+        if session is not None:
+            self._sessions[session] = _Session()
+
+    # ----- public API ---------------------------------------------------------------------------
+    def next_version(self, timeout: float | None = None) -> AvatarVersion:
+        """Block until a new avatar version is applied; TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"no avatar version within {timeout} s")
+            self._request_snapshots(now)
+            wait = self.snapshot_retry_s if deadline is None else min(self.snapshot_retry_s, deadline - now)
+            self._pump(max(wait, 0.0))
+        return self._ready.popleft()
+
+    def __iter__(self) -> Iterator[AvatarVersion]:
+        while True:
+            yield self.next_version()
+
+    def request(self, command: str | Mapping[str, Any], timeout: float | None = None, **args: Any) -> ControlReply:
+        """Send a control command (`"list"`, `"status"`, `"start"`, `"stop"`, `"snapshot"`) and wait for its reply.
+
+        `command` may also be a full request map {"command": ..., ...}. Returns the ControlReply
+        (ok, result or error, and the decoded message for snapshots); TimeoutError if none comes.
+        """
+        if isinstance(command, Mapping):
+            args = {**{k: v for k, v in command.items() if k != "command"}, **args}
+            command = command["command"]
+        request_id = next(self._ids)
+        self._control.send(encode_request(command, args, request_id))
+        self._awaiting.add(request_id)
+        limit = self.request_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while request_id not in self._replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._awaiting.discard(request_id)
+                raise TimeoutError(f"no reply to {command!r} within {limit} s")
+            self._pump(left, replies_only=True)
+        self._awaiting.discard(request_id)
+        return self._replies.pop(request_id)
+
+    def buffer(self, session: str) -> AvatarBuffer | None:
+        """The slot arrays held for `session` (None before its first snapshot)."""
+        state = self._sessions.get(session)
+        return state.buffer if state else None
+
+    def close(self) -> None:
+        for sock in (self._sub, self._control):
+            sock.close(linger=0)
+        self._context.term()
+
+    def __enter__(self) -> "AvatarSubscriber":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- machinery ----------------------------------------------------------------------------
+    def _pump(self, wait_s: float, replies_only: bool = False) -> None:
+        events = dict(self._poller.poll(int(wait_s * 1000)))
+        if self._control in events:
+            while True:
+                try:
+                    frames = self._control.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_reply(frames)
+        if self._sub in events and not replies_only:
+            for _ in range(64):  # bounded burst, then give the control socket a turn
+                try:
+                    frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_publication(frames)
+
+    def _request_snapshots(self, now: float) -> None:
+        for name, state in self._sessions.items():
+            if state.buffer is None and state.request_id is None and now >= state.next_request_at:
+                self._ask_snapshot(name, state, now)
+            elif state.request_id is not None and now >= state.next_request_at + self.request_timeout_s:
+                state.request_id = None  # lost reply: ask again next round
+        # `list` finds sessions (session=None) and, while the PUB socket is quiet, tells whether the
+        # publisher moved on: its last deltas to us may have been dropped, and no later one will show the gap.
+        if now >= self._next_list_at:
+            self._next_list_at = now + (self.snapshot_retry_s if not self._sessions else self.idle_check_s)
+            self._list_id = next(self._ids)
+            self._control.send(encode_request("list", {}, self._list_id))
+
+    def _ask_snapshot(self, name: str, state: _Session, now: float) -> None:
+        state.request_id = next(self._ids)
+        state.next_request_at = now
+        self._control.send(encode_request("snapshot", {"session": name}, state.request_id))
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        try:
+            reply = decode_reply(frames, self.limits)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.warning("dropped a malformed control reply: %s", exc)
+            return
+        if reply.id is not None and reply.id == self._list_id:
+            self._list_id = None
+            if reply.ok and isinstance(reply.result, dict) and isinstance(reply.result.get("sessions"), list):
+                self._on_list(reply.result["sessions"])
+            return
+        for name, state in self._sessions.items():
+            if reply.id is not None and reply.id == state.request_id:
+                state.request_id = None
+                self._on_snapshot(name, state, reply)
+                return
+        if reply.id in self._awaiting:
+            self._replies[reply.id] = reply
+
+    def _on_list(self, entries: list) -> None:
+        """`list` result: [{session, version}, ...]. New sessions are followed; stale ones re-synchronised."""
+        for entry in entries:
+            name = entry.get("session") if isinstance(entry, dict) else None
+            version = entry.get("version") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or (self.session is not None and name != self.session):
+                continue
+            state = self._sessions.setdefault(name, _Session())
+            if (state.buffer is not None and isinstance(version, int) and version > state.buffer.version
+                    and state.request_id is None):
+                self.stats.resyncs += 1
+                self._ask_snapshot(name, state, time.monotonic())
+
+    def _on_snapshot(self, name: str, state: _Session, reply: ControlReply) -> None:
+        msg = reply.message
+        if not reply.ok or msg is None or msg.type != "snapshot" or msg.session != name:
+            self.stats.snapshot_errors += 1
+            state.next_request_at = time.monotonic() + self.snapshot_retry_s
+            log.debug("snapshot of %s not available: %s", name, reply.error)
+            return
+        held = state.buffer.version if state.buffer is not None else -1
+        if msg.version < held:
+            return  # older than what we hold already (a late reply)
+        state.buffer = AvatarBuffer.from_snapshot(msg)
+        state.seq = msg.seq
+        self.stats.snapshots += 1
+        pending, state.pending = list(state.pending), deque(maxlen=state.pending.maxlen)
+        last: Message = msg
+        kind = "snapshot"
+        for delta in pending:
+            if delta.seq <= state.seq:
+                self.stats.stale += 1
+                continue
+            if delta.base_version != state.buffer.version:
+                self._gap(name, state)
+                break
+            try:
+                state.buffer.apply(delta)
+            except ProtocolError as exc:
+                self.stats.malformed += 1
+                log.warning("buffered delta could not be applied (%s); re-requesting the snapshot", exc)
+                self._gap(name, state)
+                break
+            state.seq = delta.seq
+            last, kind = delta, "delta"
+            self.stats.deltas += 1
+        if state.buffer is not None and state.buffer.version > held:
+            self._emit(name, state, last, kind)
+
+    def _on_publication(self, frames: list[bytes]) -> None:
+        self._next_list_at = max(self._next_list_at, time.monotonic() + self.idle_check_s)
+        if len(frames) < 2:
+            self.stats.malformed += 1
+            return
+        try:
+            msg = decode(frames[1:], self.limits)
+            if frames[0] != topic_for(msg.session) or msg.type != "delta":
+                raise ProtocolError("topic does not match the message session, or not a delta")
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.warning("dropped a malformed publication: %s", exc)
+            return
+        if self.session is not None and msg.session != self.session:
+            return
+        state = self._sessions.get(msg.session)
+        if state is None:
+            state = self._sessions[msg.session] = _Session()
+        if state.buffer is None:
+            state.pending.append(msg)  # oldest fall off: the snapshot will cover them
+            if state.request_id is None:
+                self._ask_snapshot(msg.session, state, time.monotonic())
+            return
+        if msg.seq <= state.seq:
+            self.stats.stale += 1
+            return
+        if msg.base_version != state.buffer.version:
+            self._gap(msg.session, state)
+            state.pending.append(msg)
+            return
+        try:
+            state.buffer.apply(msg)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.warning("delta could not be applied (%s); re-requesting the snapshot", exc)
+            self._gap(msg.session, state)
+            return
+        state.seq = msg.seq
+        self.stats.deltas += 1
+        self._emit(msg.session, state, msg, "delta")
+
+    def _gap(self, name: str, state: _Session) -> None:
+        """The chain broke: keep the state held, request a fresh snapshot, buffer deltas meanwhile."""
+        self.stats.gaps += 1
+        if state.request_id is None:
+            self._ask_snapshot(name, state, time.monotonic())
+
+    def _emit(self, name: str, state: _Session, msg: Message, kind: str) -> None:
+        buf = state.buffer
+        self._ready.append(AvatarVersion(
+            session=name, version=buf.version, seq=state.seq, kind=kind, arrays=buf.live_arrays(),
+            n_slots=buf.n_slots, t_capture=msg.t_capture, t_publish=msg.t_publish, t_received=time.time(),
+            stats=dict(msg.stats)))
