@@ -63,3 +63,12 @@ def test_time_budget_stops_and_state_carries_over():
     assert second["total_steps"] == first["iterations"] + 2
     refined = session.gaussians()
     assert len(refined) == 400 and torch.equal(refined.anchor, scene(4).anchor)
+
+
+def test_refined_set_keeps_identities():
+    prompts, head = make_prompts(), RigidHead()
+    start = scene(5)
+    start.uid = torch.arange(100, 100 + len(start))
+    refined, _ = refine(start, make_frames(scene(6), prompts, head), prompts, head, iterations=1,
+                        config=RefineConfig(backend="cpu"))
+    assert torch.equal(refined.uid, start.uid)

@@ -1,0 +1,120 @@
+"""What a session needs to turn windows of frames into Gaussians: network, head model and point prompts.
+
+The network's point prompts are the subdivided head's points, or a fixed subset of them for the small configs.
+The subset is part of a trained model (it decides which anchor each output row belongs to), so checkpoints
+store it in their metadata as `point_index`; a fresh model picks it by farthest-point sampling.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.errors import InputError
+from engine.fusion import POOL_FRAME
+from engine.gaussians import GaussianSet
+from engine.model.lgrt import LGRT
+
+log = logging.getLogger(__name__)
+
+
+def farthest_point_indices(points: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+    """(n,) indices of a farthest-point sample of (P,3) points, deterministic from `start`; all if n >= P."""
+    p = points.shape[0]
+    if n >= p:
+        return torch.arange(p)
+    pts = points.double()
+    chosen = torch.empty(n, dtype=torch.long)
+    dist = torch.full((p,), float("inf"), dtype=torch.float64)
+    current = start
+    for i in range(n):
+        chosen[i] = current
+        dist = torch.minimum(dist, ((pts - pts[current]) ** 2).sum(-1))
+        current = int(torch.argmax(dist))
+    return torch.sort(chosen).values
+
+
+@dataclass
+class AvatarModel:
+    """The LGRT network with its head model and the point prompts it was trained on.
+
+    prompts: the subset of point prompts the network sees (anchor ids of its Gaussians index into it).
+    """
+
+    network: LGRT
+    head: object
+    prompts: object
+    point_index: torch.Tensor
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> int:
+        return self.network.cfg.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @classmethod
+    def create(cls, network: LGRT, head=None, point_index: torch.Tensor | list[int] | None = None,
+               metadata: dict | None = None) -> "AvatarModel":
+        from engine.head import load_head
+        from engine.prompts import build_point_prompts
+
+        head = load_head() if head is None else head
+        full = build_point_prompts(head)
+        if point_index is None:
+            point_index = farthest_point_indices(full.v_template, network.cfg.n_points)
+        point_index = torch.as_tensor(point_index, dtype=torch.long)
+        if point_index.numel() and int(point_index.max()) >= full.v_template.shape[0]:
+            raise InputError(f"the checkpoint's point prompts index {int(point_index.max())} but the head model has "
+                             f"{full.v_template.shape[0]} points: it was trained with another head model")
+        return cls(network.eval(), head, full.subset(point_index), point_index, dict(metadata or {}))
+
+    @classmethod
+    def load(cls, weights: str | Path | None = None, *, device: str | torch.device = "cpu",
+             head=None) -> "AvatarModel":
+        """Our checkpoint directory (the shipped default when None)."""
+        from engine.checkpoints import default_checkpoint_dir, load_checkpoint
+
+        directory = Path(weights) if weights is not None else default_checkpoint_dir()
+        if weights is None and not any(directory.glob("*.safetensors")):
+            raise InputError(f"the default checkpoint is missing from {directory}; reinstall the package or "
+                             "pass --weights DIR")
+        network, metadata = load_checkpoint(directory, device=device)
+        log.info("loaded %s model from %s", network.cfg.name, directory)
+        return cls.create(network, head, metadata.get("point_index"), metadata)
+
+    def canonical_points(self, shape: torch.Tensor | None) -> torch.Tensor:
+        """(P,3) canonical prompt positions for identity `shape` (S',) (zero-padded/truncated to the head's)."""
+        n_shape = self.prompts.shapedirs.shape[-1]
+        beta = torch.zeros(1, n_shape)
+        if shape is not None:
+            shape = torch.as_tensor(shape, dtype=torch.float32).reshape(-1)[:n_shape]
+            beta[0, : shape.numel()] = shape
+        return self.prompts.canonical(beta)[0]
+
+    @torch.inference_mode()
+    def window_gaussians(self, images: torch.Tensor, frame_ids: list[int], shape: torch.Tensor | None = None,
+                         pool: torch.Tensor | None = None, guidance: dict | None = None) -> list[GaussianSet]:
+        """One window -> one GaussianSet per base frame (tagged with its frame id) + the FramePack slot.
+
+        images (N,3,S,S) in [0,1] with N <= 16 base frames; pool (F,3,S,S) or None.
+        """
+        from engine.reconstruct import reconstruct
+
+        if images.shape[0] != len(frame_ids):
+            raise ValueError(f"{images.shape[0]} images but {len(frame_ids)} frame ids")
+        points = self.canonical_points(shape).to(self.device)
+        slots = reconstruct(self.network, images, points, pool, guidance)
+        anchors = torch.arange(points.shape[0])
+        sets = []
+        for i, slot in enumerate(slots):
+            frame = frame_ids[i] if i < len(slots) - 1 else POOL_FRAME
+            sets.append(GaussianSet.from_activated(
+                anchor=anchors, offset=slot["offset"].cpu(), rotation=slot["rotation"].cpu(),
+                scale=slot["scale"].cpu(), opacity=slot["opacity"].cpu(), color=slot["rgb"].cpu(),
+                importance=slot["importance"].cpu(), frame=frame))
+        return sets

@@ -1,0 +1,85 @@
+"""`fastavatar-stream replay`: run a recorded stream through the whole pipeline in one process."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: refinement budget of the demo: keeps `replay --demo` well under two minutes on 2 CPU cores
+DEMO_REFINE_SECONDS = 20.0
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "replay", help="reconstruct an avatar from a video file or image folder",
+        description="Replay a video file (anything FFmpeg reads), an image folder or a multi-view capture folder "
+                    "through tracking, sliding windows, the LGRT engine, fusion and refinement. Writes "
+                    "DIR/avatar.ply, DIR/report.json and DIR/preview.png.")
+    p.add_argument("source", nargs="?", help="video file, image folder or multi-view folder (omit with --demo)")
+    p.add_argument("--demo", action="store_true",
+                   help="replay the built-in demo clip (made on the fly from a public-domain portrait)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--weights", help="checkpoint folder (default: the embedded default model)")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace frames to the file's timestamps and behave like a live stream (stride grows when "
+                        "the engine is slower than the frames)")
+    p.add_argument("--publish", metavar="ENDPOINT", help="publish avatar versions on this ZeroMQ PUB endpoint, "
+                                                         "e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--control", metavar="ENDPOINT", help="answer snapshot/control requests on this ZeroMQ "
+                                                         "ROUTER endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--holdout", type=int, default=0, metavar="K",
+                   help="keep every K-th frame out of reconstruction and refinement and evaluate on it")
+    refine = p.add_mutually_exclusive_group()
+    refine.add_argument("--refine", type=float, metavar="SECONDS", default=None,
+                        help=f"per-session refinement time budget (default: {DEMO_REFINE_SECONDS:g} s)")
+    refine.add_argument("--no-refine", action="store_true", help="feed-forward avatar only")
+    p.add_argument("--budget", type=int, default=60_000, help="most Gaussians the avatar keeps (default 60000)")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"],
+                   help="landmark backend (auto: face-alignment when its weights are present, else dlib)")
+    p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the camera in degrees")
+    p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                   help="keep serving snapshots this long after the end (for late subscribers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastavatar_stream.replay import ReplayOptions, run_replay
+
+    if args.demo == bool(args.source):
+        raise InputError("give a SOURCE to replay or --demo (not both)")
+    if args.budget <= 0:
+        raise InputError(f"--budget must be positive, got {args.budget}")
+    if args.holdout < 0 or args.holdout == 1:
+        raise InputError("--holdout K needs K >= 2 (every K-th frame is held out)")
+    source = args.source
+    if args.demo:
+        from fastavatar_stream.demo import make_demo_clip
+
+        source = str(make_demo_clip(Path(tempfile.mkdtemp(prefix="fastavatar-demo-")) / "demo.mp4"))
+    elif not Path(source).exists() and not str(source).startswith("device:"):
+        raise InputError(f"{source} does not exist")
+    refine = 0.0 if args.no_refine else (DEMO_REFINE_SECONDS if args.refine is None else args.refine)
+    if refine < 0:
+        raise InputError("--refine must be >= 0 seconds")
+    opts = ReplayOptions(source=source, out=args.out, weights=args.weights, realtime=args.realtime,
+                         publish=args.publish, control=args.control, holdout=args.holdout, refine_seconds=refine,
+                         budget=args.budget, max_frames=args.max_frames, detector=args.detector,
+                         fov_degrees=args.fov, progress=not args.no_progress and sys.stderr.isatty(),
+                         linger_s=args.linger)
+    report = asyncio.run(run_replay(opts))
+    summary = {k: report.get(k) for k in ("frames_read", "frames_tracked", "windows", "versions", "wall_s",
+                                          "realtime_factor", "first_avatar_s", "n_gaussians_final")}
+    print(json.dumps(summary))
+    log.info("wrote %s", ", ".join(str(args.out / n) for n in ("avatar.ply", "report.json", "preview.png")))
+    return 0

@@ -1,0 +1,288 @@
+"""The daemon: sessions, the tracking pool, the engine worker, publishing and control.
+
+One asyncio event loop runs sources, control requests and publishing; it never runs model or tracking code.
+Tracking runs in a thread pool (each session's frames in order), the model in one engine worker thread.
+Every new avatar version is converted to world-space arrays on the worker, then installed on the loop in the
+session's `AvatarBuffer`, published on ZeroMQ (deltas) and handed to in-process subscribers (WebRTC peers).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.avatar_model import AvatarModel
+from engine.errors import InputError
+from engine.fusion import AvatarVersion
+from engine.refine import RefineConfig
+from fastavatar_stream.session import Session, SessionOptions
+from fastavatar_stream.worker import EngineWorker
+from protocols.avatar_buffer import AvatarBuffer
+from protocols.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[AvatarBuffer, dict], None]
+
+
+@dataclass
+class DaemonConfig:
+    """weights: our checkpoint dir (None: the shipped default). publish/control: ZeroMQ endpoints (None: off).
+    max_sessions: concurrent sessions. snapshot_dir: final avatars are written there as PLY (None: off)."""
+
+    weights: str | None = None
+    device: str = "cpu"
+    publish: str | None = None
+    control: str | None = None
+    max_sessions: int = 8
+    tracking_workers: int = 2
+    snapshot_dir: Path | None = None
+    session_defaults: SessionOptions = field(default_factory=SessionOptions)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+
+class Daemon:
+    """See the module docstring. Implements the SessionHub interface the WebRTC server uses."""
+
+    def __init__(self, config: DaemonConfig | None = None, model: AvatarModel | None = None) -> None:
+        self.config = config or DaemonConfig()
+        self.model = model
+        self.sessions: dict[str, Session] = {}
+        self.buffers: dict[str, AvatarBuffer] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._subscribers: dict[str, list[Subscriber]] = {}
+        self._ids = itertools.count(1)
+        self._landmark_model = None
+        self.publisher = None
+        self.control = None
+        self.worker: EngineWorker | None = None
+        self._track_pool = ThreadPoolExecutor(self.config.tracking_workers, thread_name_prefix="tracking")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._control_task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> "Daemon":
+        self._loop = asyncio.get_running_loop()
+        if self.model is None:
+            self.model = await self._loop.run_in_executor(
+                None, lambda: AvatarModel.load(self.config.weights, device=self.config.device))
+        from fastavatar_stream.tracking import LandmarkModel
+
+        self._landmark_model = LandmarkModel.from_head(self.model.head)
+        self.worker = EngineWorker(self.model, self._on_version, refine=self.config.refine)
+        self.worker.start()
+        if self.config.publish:
+            from protocols.zmq_transport import AvatarPublisher
+
+            self.publisher = AvatarPublisher(self.config.publish)
+            log.info("publishing avatars on %s", self.publisher.endpoint)
+        if self.config.control:
+            from protocols.zmq_transport import ControlServer, publisher_handler
+
+            handler = publisher_handler(self.publisher, self._control) if self.publisher else self._control
+            self.control = ControlServer(handler, self.config.control)
+            self._control_task = asyncio.create_task(self.control.serve())
+            log.info("control requests on %s", self.control.endpoint)
+        return self
+
+    async def shutdown(self) -> None:
+        """Stop sources, let queued work finish briefly, write final snapshots, close sockets."""
+        for sid in list(self._tasks):
+            await self.close_session(sid)
+        if self.worker is not None:
+            self.worker.stop()
+            await self._loop.run_in_executor(None, self.worker.join, 5.0)
+        if self._control_task is not None:
+            self._control_task.cancel()
+        if self.control is not None:
+            self.control.close()
+        if self.publisher is not None:
+            self.publisher.close()
+        self._track_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- sessions (SessionHub) --------------------------------------------------------------------------------
+    async def open_session(self, source, *, name: str | None = None, options: SessionOptions | None = None) -> str:
+        if len([s for s in self.sessions.values() if s.state == "running"]) >= self.config.max_sessions:
+            raise InputError(f"the daemon already runs {self.config.max_sessions} sessions; stop one first")
+        options = options or SessionOptions(**vars(self.config.session_defaults))
+        if getattr(source, "live", False):
+            options.live = True
+        session_id = f"s{next(self._ids)}"
+        from fastavatar_stream.tracking import FaceTracker, TrackerConfig
+
+        tracker = FaceTracker(self._landmark_model, TrackerConfig(detector=options.detector,
+                                                                  fov_degrees=options.fov_degrees))
+        session = Session(session_id, name or getattr(source, "name", session_id), options,
+                          self.model.input_size, tracker)
+        self.sessions[session_id] = session
+        self.buffers[session_id] = AvatarBuffer(session_id)
+        session.report.start()
+        self.worker.add_session(session)
+        self._tasks[session_id] = asyncio.create_task(self._run_session(session, source))
+        log.info("session %s started: %s", session_id, session.name)
+        return session_id
+
+    async def close_session(self, session_id: str) -> None:
+        task = self._tasks.get(session_id)
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def wait_session(self, session_id: str) -> Session:
+        task = self._tasks[session_id]
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass
+        return self.sessions[session_id]
+
+    def subscribe(self, session_id: str, callback: Subscriber) -> Callable[[], None]:
+        if session_id not in self.sessions:
+            raise KeyError(f"unknown session {session_id!r}")
+        callbacks = self._subscribers.setdefault(session_id, [])
+        callbacks.append(callback)
+        return lambda: callbacks.remove(callback) if callback in callbacks else None
+
+    def session_stats(self, session_id: str) -> dict:
+        return self.sessions[session_id].stats()
+
+    # -- the per-session pipeline -----------------------------------------------------------------------------
+    async def _run_session(self, session: Session, source) -> None:
+        frames: asyncio.Queue = asyncio.Queue(maxsize=4)
+        loop = asyncio.get_running_loop()
+
+        async def read() -> None:
+            try:
+                async for frame in source.aiter():
+                    session.report.frame_read(frame.pts, frame.t_capture)
+                    if session.options.live and frames.full():
+                        frames.get_nowait()  # latest frame wins; the dropped one is counted
+                        session.report.frames_dropped += 1
+                    await frames.put(frame)
+                    if session.options.max_frames and session.report.frames_read >= session.options.max_frames:
+                        break
+            finally:
+                await frames.put(None)
+
+        async def track() -> None:
+            while (frame := await frames.get()) is not None:
+                await loop.run_in_executor(self._track_pool, self._track_one, session, frame)
+
+        try:
+            await asyncio.gather(read(), track())
+            if getattr(source, "error", None):
+                session.report.errors.append(source.error)
+                session.error = source.error
+            await loop.run_in_executor(self._track_pool, session.finish_tracking)
+            self.worker.notify()
+            await self._drain(session)
+            session.state = "ended" if session.error is None else "failed"
+        except asyncio.CancelledError:
+            session.state = "ended"
+            raise
+        except InputError as exc:
+            session.state, session.error = "failed", str(exc)
+            session.report.errors.append(str(exc))
+        except Exception as exc:
+            log.exception("session %s failed", session.id)
+            session.state, session.error = "failed", f"{exc.__class__.__name__}: {exc}"
+            session.report.errors.append(session.error)
+        finally:
+            session.tracking_done.set()
+            try:
+                source.close()
+            except Exception:
+                log.debug("closing source failed", exc_info=True)
+            session.report.finish(session.timer)
+            self._write_snapshot(session)
+            log.info("session %s %s: %d frames, %d windows, version %d%s", session.id, session.state,
+                     session.report.frames_read, session.windows_done,
+                     session.latest.version if session.latest else 0,
+                     f" ({session.error})" if session.error else "")
+
+    def _track_one(self, session: Session, frame) -> None:
+        with session.timer.time("track"):
+            tracked = session.tracker.track(frame.image, frame.pts, frame.index, frame.t_capture)
+        session.add_tracked(tracked)
+        self.worker.notify()
+        if not session.options.live:
+            while session.backlog_full() and session.state == "running":
+                time.sleep(0.002)  # replay back-pressure: wait for the engine, never skip a window
+
+    async def _drain(self, session: Session) -> None:
+        """Wait until the engine has taken every window and spent the session's refinement budget."""
+        while session.state == "running":
+            if session.engine_idle() and not session.wants_refinement():
+                return
+            await asyncio.sleep(0.01)
+
+    # -- versions (worker thread -> loop) ---------------------------------------------------------------------
+    def _on_version(self, session: Session, version: AvatarVersion, t_capture: float) -> None:
+        with session.timer.time("to_world"):
+            arrays = version.gaussians.to_arrays(self.model.prompts, self.model.head, shape=version.shape)
+            uids = version.gaussians.uid.numpy().astype(np.uint32)
+        self._loop.call_soon_threadsafe(self._install, session, version, uids, arrays, t_capture)
+
+    def _install(self, session: Session, version: AvatarVersion, uids, arrays, t_capture: float) -> None:
+        buffer = self.buffers[session.id]
+        t0 = time.perf_counter()
+        buffer.assign(uids, arrays, version.version)
+        session.latest = version
+        stats = session.stats()
+        if self.publisher is not None:
+            self.publisher.publish(buffer, t_capture=t_capture, stats=stats)
+        for callback in list(self._subscribers.get(session.id, [])):
+            try:
+                callback(buffer, stats)
+            except Exception:
+                log.exception("session %s: a subscriber failed", session.id)
+        session.timer.add("publish", time.perf_counter() - t0)
+        session.report.version_published(version.version, len(version.gaussians), t_capture, time.time())
+
+    def _write_snapshot(self, session: Session) -> None:
+        if self.config.snapshot_dir is None or session.latest is None:
+            return
+        from protocols.ply import save_ply
+
+        path = Path(self.config.snapshot_dir) / f"{session.id}_v{session.latest.version}.ply"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_ply(path, self.buffers[session.id].live_arrays())
+
+    # -- control requests -----------------------------------------------------------------------------------
+    async def _control(self, request) -> Any:
+        cmd, args = request.command, request.args
+        if cmd == "list":
+            return {"sessions": [s.stats() for s in self.sessions.values()]}
+        if cmd == "status":
+            return {"sessions": len(self.sessions), "running": sum(s.state == "running" for s in self.sessions.values()),
+                    "windows": self.worker.windows_done if self.worker else 0}
+        if cmd == "start":
+            from fastavatar_stream.sources import open_source
+
+            if "source" not in args:
+                raise ProtocolError("start needs a 'source' (a file path, folder or device:NAME)")
+            opts = dict(args.get("options") or {})
+            source = open_source(str(args["source"]), **opts)
+            return {"session": await self.open_session(source)}
+        if cmd == "stop":
+            sid = args.get("session")
+            if sid not in self.sessions:
+                raise ProtocolError(f"unknown session {sid!r}; 'list' shows the sessions")
+            await self.close_session(sid)
+            return {"session": sid, "state": self.sessions[sid].state}
+        if cmd == "snapshot":
+            sid = args.get("session")
+            if sid not in self.buffers:
+                raise ProtocolError(f"unknown session {sid!r}; 'list' shows the sessions")
+            return self.buffers[sid].snapshot()
+        raise ProtocolError(f"unknown command {cmd!r}; known: list, status, start, stop, snapshot")

@@ -1,0 +1,202 @@
+"""Replay: run one recorded stream through the whole daemon pipeline in this process and write its results.
+
+`DIR/avatar.ply` (final avatar, world space at the neutral pose), `DIR/report.json` (counts, per-stage
+timings, latency, real-time factor), `DIR/preview.png` (the avatar from 8 views beside input frames) and, with
+a holdout, `DIR/holdout.png` (held-out real frames beside the avatar rendered with their tracked pose).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.errors import InputError
+from fastavatar_stream.daemon import Daemon, DaemonConfig
+from fastavatar_stream.session import Session, SessionOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayOptions:
+    source: str
+    out: Path
+    weights: str | None = None
+    realtime: bool = False
+    publish: str | None = None
+    control: str | None = None
+    holdout: int = 0
+    refine_seconds: float = 0.0
+    budget: int = 60_000
+    max_frames: int | None = None
+    detector: str = "auto"
+    fov_degrees: float = 40.0
+    progress: bool = True
+    linger_s: float = 0.0
+
+
+async def run_replay(opts: ReplayOptions) -> dict:
+    """Replay `opts.source`; returns the report dict (also written to DIR/report.json)."""
+    from fastavatar_stream.sources import open_source
+
+    source = open_source(opts.source, realtime=opts.realtime)
+    options = SessionOptions(live=opts.realtime, budget=opts.budget, holdout=opts.holdout,
+                             refine_seconds=opts.refine_seconds, max_frames=opts.max_frames,
+                             detector=opts.detector, fov_degrees=opts.fov_degrees)
+    daemon = Daemon(DaemonConfig(weights=opts.weights, publish=opts.publish, control=opts.control))
+    await daemon.start()
+    try:
+        session_id = await daemon.open_session(source, name=str(opts.source), options=options)
+        progress = _progress(daemon, session_id, source) if opts.progress else None
+        session = await daemon.wait_session(session_id)
+        if progress is not None:
+            progress.cancel()
+        if opts.linger_s > 0:  # keep serving snapshots a little (late subscribers in tests/demos)
+            await asyncio.sleep(opts.linger_s)
+        return await asyncio.get_running_loop().run_in_executor(None, _write_outputs, daemon, session, opts)
+    finally:
+        await daemon.shutdown()
+
+
+def _progress(daemon: Daemon, session_id: str, source) -> asyncio.Task:
+    from tqdm import tqdm
+
+    total = getattr(source, "frame_count", None)
+
+    async def tick() -> None:
+        bar = tqdm(total=total, unit="frame", desc="replay", dynamic_ncols=True, leave=False)
+        try:
+            while True:
+                stats = daemon.session_stats(session_id)
+                bar.n = stats["frames_tracked"]
+                bar.set_postfix(windows=stats["windows"], version=stats["version"], gaussians=stats["gaussians"])
+                bar.refresh()
+                await asyncio.sleep(0.2)
+        finally:
+            bar.close()
+
+    return asyncio.create_task(tick())
+
+
+def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dict:
+    from protocols.ply import save_ply
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = session.report
+    report.frames_tracked = session.frames_tracked
+    report.frames_unusable = session.frames_unusable
+    report.frames_dropped += session.windower.stats.thinned
+    report.windows = session.windows_done
+    if session.latest is None:
+        reason = session.error or (f"no usable face was found in any of the {report.frames_read} frames"
+                                   if report.frames_read else "the source gave no frames")
+        report.errors.append(reason)
+        report.write(out / "report.json")
+        raise InputError(f"{opts.source}: no avatar was built: {reason}")
+    arrays = daemon.buffers[session.id].live_arrays()
+    save_ply(out / "avatar.ply", arrays)
+    model = daemon.model
+    extra = {"session": session.stats(), "tracker": dict(session.tracker.counts),
+             "model": model.network.cfg.name, "weights": str(opts.weights or "default"),
+             "windower": vars(session.windower.stats)}
+    if opts.holdout and session.holdout:
+        extra_holdout = evaluate_holdout(model, session, out / "holdout.png")
+        report.extra["holdout"] = extra_holdout
+    write_preview(model, session, out / "preview.png")
+    report.extra.update(extra)
+    data = report.to_dict()
+    data["versions_published"] = list(report.versions)
+    data["versions"] = len(report.versions)
+    data["n_gaussians_final"] = report.n_gaussians[-1] if report.n_gaussians else 0
+    if "holdout" in report.extra:
+        data["holdout"] = report.extra["holdout"]
+    (out / "report.json").write_text(__import__("json").dumps(data, indent=2))
+    return data
+
+
+def render_views(model, gaussians, shape: torch.Tensor | None, n_views: int = 8, size: int = 256,
+                 background: float = 1.0) -> np.ndarray:
+    """(n_views, size, size, 3) uint8 renders of the avatar at the neutral pose on a circle around the head."""
+    from engine.render import render
+    from engine.types import FlameParams, orbit_cameras
+
+    prompts = model.prompts
+    params = FlameParams.zeros(1, prompts.shapedirs.shape[-1], prompts.exprdirs.shape[-1])
+    if shape is not None:
+        s = torch.as_tensor(shape, dtype=torch.float32).reshape(-1)[: params.shape.shape[1]]
+        params.shape[0, : s.numel()] = s
+    with torch.no_grad():
+        world = gaussians.to_world(prompts, model.head, params)
+        centre = world["means"][0].median(dim=0).values if len(gaussians) else torch.zeros(3)
+        cams = orbit_cameras(n_views, radius=0.65, target=tuple(centre.tolist()), fov_x_degrees=28,
+                             width=size, height_px=size)
+        c = len(cams)
+        out = render(world["means"].expand(c, -1, -1), world["quats"].expand(c, -1, -1),
+                     world["scales"].expand(c, -1, -1), world["opacities"].expand(c, -1),
+                     world["colors"].expand(c, -1, -1), cams.viewmats, cams.Ks, size, size,
+                     background=torch.full((3,), background))
+    return (out["rgb"].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def write_preview(model, session: Session, path: Path, size: int = 256) -> Path:
+    """Top row: the avatar from 8 views; bottom row: up to 8 input crops the model saw."""
+    latest = session.latest
+    views = render_views(model, latest.gaussians, latest.shape, 8, size)
+    samples = session.refine_pool[:: max(1, math.ceil(len(session.refine_pool) / 8))][:8]
+    inputs = [np.asarray(Image.fromarray((s.prepared.image.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+                         .resize((size, size))) for s in samples]
+    while len(inputs) < 8:
+        inputs.append(np.full((size, size, 3), 255, np.uint8))
+    grid = np.concatenate([np.concatenate(list(views), axis=1), np.concatenate(inputs, axis=1)], axis=0)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def evaluate_holdout(model, session: Session, path: Path) -> dict:
+    """Render the avatar with each held-out frame's tracked pose and camera; PSNR/SSIM in the head region and
+    dlib identity distance where a face is found in both images. Writes real-vs-rendered pairs to `path`."""
+    from engine.losses import psnr, ssim
+    from fastavatar_stream.worker import refine_frames
+    from engine.refine import RefineSession
+
+    samples = [s for s in session.holdout if s.frame.flame is not None]
+    if not samples:
+        return {"frames": [], "psnr": None, "ssim": None, "identity_distance": None}
+    frames = refine_frames(samples, model)
+    renderer = RefineSession(session.latest.gaussians, model.prompts, model.head)
+    psnrs, ssims, renders = [], [], []
+    with torch.no_grad():
+        for i in range(len(samples)):
+            idx = torch.tensor([i])
+            pred = renderer.render_frames(frames, idx, session.latest.gaussians)["rgb"][0]
+            target = frames.images[i]
+            m = frames.masks[i]
+            psnrs.append(float(psnr((pred * m + (1 - m))[None], (target * m + (1 - m))[None])))
+            ssims.append(float(ssim((pred * m + (1 - m))[None], (target * m + (1 - m))[None])))
+            renders.append(pred)
+    real_u8 = [(frames.images[i].numpy() * 255).round().astype(np.uint8) for i in range(len(samples))]
+    fake_u8 = [(r.clamp(0, 1).numpy() * 255).round().astype(np.uint8) for r in renders]
+    distance = identity_distances(real_u8, fake_u8)
+    pairs = [np.concatenate([a, b], axis=1) for a, b in zip(real_u8[:6], fake_u8[:6])]
+    Image.fromarray(np.concatenate(pairs, axis=0)).save(path)
+    valid = [d for d in distance if d is not None]
+    return {"frames": [s.index for s in samples], "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
+            "identity_distance": float(np.mean(valid)) if valid else None, "identity_pairs": len(valid),
+            "per_frame_psnr": psnrs}
+
+
+def identity_distances(real: list[np.ndarray], fake: list[np.ndarray]) -> list[float | None]:
+    """dlib 128-d face-descriptor distance per pair (None where a face is not found in both images)."""
+    try:
+        from fastavatar_stream.identity import FaceIdentity
+    except ImportError:
+        return [None] * len(real)
+    ident = FaceIdentity()
+    return [ident.distance(a, b) for a, b in zip(real, fake)]

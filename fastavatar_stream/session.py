@@ -1,0 +1,203 @@
+"""One stream = one session = one avatar: tracking state, windows, fusion, refinement frames, counters.
+
+A session is fed from the event loop (frames in) and from a tracking thread (tracked frames, windows); the
+engine worker takes its windows and installs new avatar versions. Everything shared between those threads is
+guarded by the session's lock or by the thread-safe windower.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.fusion import AvatarVersion, IncrementalFuser
+from fastavatar_stream.frames import TrackedFrame, Window
+from fastavatar_stream.prepare import FramePreparer, PreparedFrame
+from fastavatar_stream.queues import StageTimer
+from fastavatar_stream.report import ReplayReport
+from fastavatar_stream.windowing import Windower
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionOptions:
+    """Per-session settings.
+
+    live: a live stream (camera/WebRTC, or --realtime replay): windows are cut when the engine is free, so the
+      stride grows instead of falling behind; otherwise every scheduled window is processed.
+    budget: most Gaussians the avatar keeps. holdout: every K-th frame is kept out of reconstruction and
+    refinement for evaluation (0: none). refine_seconds: total refinement time for this session (0: off).
+    max_frames: stop after this many source frames (None: the whole stream).
+    """
+
+    live: bool = False
+    budget: int = 60_000
+    holdout: int = 0
+    refine_seconds: float = 0.0
+    refine_burst_seconds: float = 0.25
+    refine_frames: int = 24
+    max_frames: int | None = None
+    detector: str = "auto"
+    fov_degrees: float = 40.0
+    max_ready_windows: int = 2
+    max_prepared: int = 512
+
+
+@dataclass
+class RefineSample:
+    """A tracked frame kept for refinement/evaluation: the model-size crop and its camera."""
+
+    index: int
+    frame: TrackedFrame
+    prepared: PreparedFrame
+
+
+class Session:
+    """State of one stream; see the module docstring for who touches what."""
+
+    def __init__(self, session_id: str, name: str, options: SessionOptions, input_size: int,
+                 tracker, expects_matted: bool = False) -> None:
+        self.id = session_id
+        self.name = name
+        self.options = options
+        self.tracker = tracker
+        self.preparer = FramePreparer(size=input_size, scale=1.9, expects_matted=expects_matted)
+        self.windower = Windower(session_id)
+        self.fuser = IncrementalFuser(budget=options.budget)
+        self.report = ReplayReport(source=name, realtime=options.live)
+        self.timer = StageTimer()
+        self.state = "running"
+        self.error: str | None = None
+        self.latest: AvatarVersion | None = None
+        self.windows_done = 0
+        self.in_flight = 0  # windows taken by the engine worker and not finished yet
+        self.frames_tracked = 0
+        self.frames_unusable = 0
+        self.refine_spent = 0.0
+        self.refine_dirty = False
+        self.lock = threading.RLock()
+        self._ready: deque[Window] = deque()
+        self._prepared: OrderedDict[int, PreparedFrame] = OrderedDict()
+        self.refine_pool: list[RefineSample] = []
+        self.holdout: list[RefineSample] = []
+        self.tracking_done = threading.Event()
+        self.t_created = time.time()
+
+    # -- tracking side (tracking thread) ---------------------------------------------------------------------
+    def is_holdout(self, index: int) -> bool:
+        k = self.options.holdout
+        return k > 0 and index % k == k - 1
+
+    def add_tracked(self, frame: TrackedFrame) -> None:
+        """Account for a tracked frame and feed it to the windower (holdout frames are set aside)."""
+        with self.lock:
+            self.frames_tracked += 1
+            if not frame.usable:
+                self.frames_unusable += 1
+                self.windower.stats.frames_in += 1
+                self.windower.stats.rejected += 1
+                return
+            with self.timer.time("prepare"):
+                prepared = self.preparer.prepare(frame)
+            if self.is_holdout(frame.index):
+                self.holdout.append(RefineSample(frame.index, _light(frame), prepared))
+                return
+            self._prepared[frame.index] = prepared
+            while len(self._prepared) > self.options.max_prepared:
+                self._prepared.popitem(last=False)
+        if self.options.live:
+            self.windower.add(frame)
+        else:
+            window = self.windower.push(frame)
+            if window is not None:
+                with self.lock:
+                    self._ready.append(window)
+
+    def backlog_full(self) -> bool:
+        """Replay back-pressure: the tracking side waits while this many windows wait for the engine."""
+        with self.lock:
+            return len(self._ready) >= self.options.max_ready_windows
+
+    def finish_tracking(self) -> None:
+        """End of stream: the last partial window (if any) becomes ready."""
+        window = self.windower.flush()
+        if window is not None:
+            with self.lock:
+                self._ready.append(window)
+        self.tracking_done.set()
+
+    # -- engine side (engine worker) ----------------------------------------------------------------------------
+    def oldest_ready(self) -> float | None:
+        """Capture time of the oldest frame of the next window, or None when none is ready."""
+        with self.lock:
+            if self._ready:
+                return min(f.t_capture for f in self._ready[0].frames)
+        if self.options.live:
+            return self.windower.oldest_ready_capture()
+        return None
+
+    def take_window(self) -> Window | None:
+        """The next window for the engine; the caller must call `window_finished()` when done with it."""
+        with self.lock:
+            window = self._ready.popleft() if self._ready else None
+            if window is None and self.options.live:
+                window = self.windower.take()
+                if window is not None:
+                    self.report.strides.append(window.stride)
+            if window is not None:
+                self.in_flight += 1
+            return window
+
+    def window_finished(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def engine_idle(self) -> bool:
+        """No window waiting for or inside the engine."""
+        with self.lock:
+            return self.in_flight == 0 and self.oldest_ready() is None
+
+    def prepared(self, frame: TrackedFrame) -> PreparedFrame:
+        with self.lock:
+            p = self._prepared.get(frame.index)
+        return p if p is not None else self.preparer.prepare(frame, update=False)
+
+    def keep_for_refinement(self, window: Window) -> None:
+        """Keep the window's sparse frames (model-size crops) as refinement targets, bounded, newest first out
+        only when they add no pose coverage (uniform thinning by index)."""
+        with self.lock:
+            have = {s.index for s in self.refine_pool}
+            for frame in window.frames:
+                if frame.index not in have:
+                    self.refine_pool.append(RefineSample(frame.index, _light(frame), self.prepared(frame)))
+            limit = self.options.refine_frames
+            if len(self.refine_pool) > limit:
+                keep = np.linspace(0, len(self.refine_pool) - 1, limit).round().astype(int)
+                self.refine_pool = [self.refine_pool[i] for i in sorted(set(keep.tolist()))]
+
+    def wants_refinement(self) -> bool:
+        return (self.options.refine_seconds > 0 and self.latest is not None and bool(self.refine_pool)
+                and self.refine_spent < self.options.refine_seconds and self.state != "failed")
+
+    def stats(self) -> dict:
+        latest = self.latest
+        return {
+            "session": self.id, "name": self.name, "state": self.state, "error": self.error,
+            "frames_read": self.report.frames_read, "frames_tracked": self.frames_tracked,
+            "frames_unusable": self.frames_unusable, "windows": self.windows_done,
+            "version": latest.version if latest else 0,
+            "gaussians": len(latest.gaussians) if latest else 0,
+            "refine_s": round(self.refine_spent, 3),
+        }
+
+
+def _light(frame: TrackedFrame) -> TrackedFrame:
+    """A copy without the full-resolution image (kept samples hold the model-size crop instead)."""
+    return TrackedFrame(image=np.zeros((0, 0, 3), np.uint8), pts=frame.pts, index=frame.index, K=frame.K,
+                        viewmat=frame.viewmat, flame=frame.flame, landmarks=frame.landmarks, box=frame.box,
+                        flags=frame.flags, camera_id=frame.camera_id, t_capture=frame.t_capture)

@@ -1,0 +1,223 @@
+"""The engine worker: one thread per device that owns the model.
+
+It takes ready windows from all sessions, oldest first, runs the LGRT on them, folds the result into the
+session's avatar and hands the new version to the event loop. When no window is ready it spends short bursts
+refining the avatar of a session that asked for it; a burst is short, so a window that becomes ready waits at
+most one burst. A failure in one session's window ends that session, never the worker.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.avatar_model import AvatarModel
+from engine.fusion import AvatarVersion
+from engine.refine import RefineConfig, RefineFrames, RefineSession
+from engine.types import Cameras, FlameParams
+from fastavatar_stream.frames import FlameFit, TrackedFrame, Window
+from fastavatar_stream.session import RefineSample, Session
+
+log = logging.getLogger(__name__)
+
+OnVersion = Callable[[Session, AvatarVersion, float], None]
+
+
+def flame_params(fits: list[FlameFit], n_shape: int, n_expression: int) -> FlameParams:
+    """Stack tracked FLAME fits into FlameParams, zero-padding/truncating shape and expression."""
+    def padded(values: list[np.ndarray], width: int) -> torch.Tensor:
+        out = torch.zeros(len(values), width)
+        for i, v in enumerate(values):
+            v = torch.as_tensor(np.asarray(v, np.float32)).reshape(-1)[:width]
+            out[i, : v.numel()] = v
+        return out
+
+    stack = lambda name: torch.as_tensor(np.stack([getattr(f, name) for f in fits]).astype(np.float32))  # noqa
+    return FlameParams(shape=padded([f.shape for f in fits], n_shape),
+                       expression=padded([f.expression for f in fits], n_expression),
+                       rotation=stack("rotation"), neck=stack("neck"), jaw=stack("jaw"), eyes=stack("eyes"),
+                       translation=stack("translation"))
+
+
+def refine_frames(samples: list[RefineSample], model: AvatarModel) -> RefineFrames:
+    """Model-size crops of kept frames with their cameras, FLAME parameters and head-region masks."""
+    images = torch.stack([torch.from_numpy(s.prepared.image).permute(1, 2, 0) for s in samples]).float()
+    size = images.shape[1]
+    cams = Cameras(torch.stack([torch.from_numpy(np.asarray(s.frame.viewmat, np.float32)) for s in samples]),
+                   torch.stack([torch.from_numpy(np.asarray(s.prepared.K, np.float32)) for s in samples]),
+                   size, size)
+    prompts = model.prompts
+    params = flame_params([s.frame.flame for s in samples], prompts.shapedirs.shape[-1],
+                          prompts.exprdirs.shape[-1])
+    frames = RefineFrames(images, cams, params, background=torch.ones(3))
+    frames.masks = head_masks(model, frames)
+    return frames
+
+
+@torch.no_grad()
+def head_masks(model: AvatarModel, frames: RefineFrames, radius: float = 0.008) -> torch.Tensor:
+    """(N,H,W,1) soft head-region masks: the posed point prompts splatted as opaque discs."""
+    from engine.gaussians import GaussianSet
+    from engine.render import render
+
+    p = model.prompts.v_template.shape[0]
+    discs = GaussianSet.from_activated(
+        anchor=torch.arange(p), offset=torch.zeros(p, 3), rotation=torch.tensor([[1.0, 0, 0, 0]]).expand(p, 4),
+        scale=torch.full((p, 3), radius), opacity=torch.full((p,), 0.99), color=torch.ones(p, 3),
+        importance=torch.ones(p), frame=0)
+    world = discs.to_world(model.prompts, model.head, frames.params)
+    out = render(world["means"], world["quats"], world["scales"], world["opacities"], world["colors"],
+                 frames.cameras.viewmats, frames.cameras.Ks, frames.cameras.width, frames.cameras.height)
+    return (out["alpha"] > 0.5).float()
+
+
+class EngineWorker(threading.Thread):
+    """Owns the AvatarModel; see the module docstring."""
+
+    def __init__(self, model: AvatarModel, on_version: OnVersion, *, refine: RefineConfig | None = None,
+                 name: str = "engine-worker") -> None:
+        super().__init__(name=name, daemon=True)
+        self.model = model
+        self.on_version = on_version
+        self.refine_config = refine or RefineConfig()
+        self._sessions: dict[str, Session] = {}
+        self._refiners: dict[str, RefineSession] = {}
+        self._frames_cache: dict[str, tuple[tuple[int, ...], RefineFrames]] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.windows_done = 0
+        self.busy_s = 0.0
+
+    # -- control (any thread) ---------------------------------------------------------------------------
+    def add_session(self, session: Session) -> None:
+        with self._wake:
+            self._sessions[session.id] = session
+            self._wake.notify()
+
+    def remove_session(self, session_id: str) -> None:
+        with self._wake:
+            self._sessions.pop(session_id, None)
+            self._refiners.pop(session_id, None)
+            self._frames_cache.pop(session_id, None)
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
+    def idle_for(self, session: Session) -> bool:
+        """True when nothing of this session is waiting for the engine (no ready window)."""
+        return session.oldest_ready() is None
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                if self._stopping:
+                    return
+                sessions = list(self._sessions.values())
+            picked = self._oldest_ready(sessions)
+            if picked is not None:
+                session, window = picked
+                self._run_window(session, window)
+                continue
+            candidates = [s for s in sessions if s.wants_refinement() and s.state != "failed"]
+            if candidates:
+                self._refine_burst(min(candidates, key=lambda s: s.refine_spent))
+                continue
+            with self._wake:
+                if not self._stopping:
+                    self._wake.wait(timeout=0.05)
+
+    def _oldest_ready(self, sessions: list[Session]) -> tuple[Session, Window] | None:
+        ready = [(t, s) for s in sessions if s.state != "failed" and (t := s.oldest_ready()) is not None]
+        for _, session in sorted(ready, key=lambda x: x[0]):
+            window = session.take_window()
+            if window is not None:
+                return session, window
+        return None
+
+    def _run_window(self, session: Session, window: Window) -> None:
+        start = time.perf_counter()
+        try:
+            version = self.reconstruct_window(session, window)
+            self.windows_done += 1
+            self.on_version(session, version, max(f.t_capture for f in window.frames))
+        except Exception as exc:  # one session's failure ends that session only
+            log.exception("session %s: window %d failed", session.id, window.index)
+            session.state = "failed"
+            session.error = f"window {window.index} failed: {exc.__class__.__name__}: {exc}"
+        finally:
+            self.busy_s += time.perf_counter() - start
+            session.window_finished()
+
+    def reconstruct_window(self, session: Session, window: Window) -> AvatarVersion:
+        model = self.model
+        with session.timer.time("prepare_window"):
+            images = torch.stack([torch.from_numpy(session.prepared(f).image) for f in window.frames])
+            pool = (torch.stack([torch.from_numpy(session.prepared(f).image) for f in window.pool])
+                    if window.pool else None)
+            shape = torch.from_numpy(np.asarray(window.frames[-1].flame.shape, np.float32))
+            guidance = self._guidance(window.frames) if model.network.cfg.guidance else None
+        with session.timer.time("engine"):
+            sets = model.window_gaussians(images, [f.index for f in window.frames], shape, pool, guidance)
+        with session.timer.time("fuse"):
+            version = session.fuser.add_window(sets, shape)
+        session.keep_for_refinement(window)
+        session.windows_done += 1
+        session.refine_dirty = True
+        return version
+
+    def _guidance(self, frames: list[TrackedFrame]) -> dict[str, torch.Tensor]:
+        cfg = self.model.network.cfg
+        fits = [f.flame for f in frames]
+        params = flame_params(fits, 1, cfg.guidance_expr_dim)
+        pose = torch.cat([params.rotation, params.neck, params.jaw, params.eyes], dim=-1)
+        camera = torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames])
+        return {"camera": camera, "expression": params.expression, "pose": pose}
+
+    def _refine_frames(self, session: Session) -> RefineFrames:
+        """The session's refinement targets, rebuilt only when its kept frames changed."""
+        with session.lock:
+            samples = list(session.refine_pool)
+        key = tuple(s.index for s in samples)
+        cached = self._frames_cache.get(session.id)
+        if cached is None or cached[0] != key:
+            with session.timer.time("refine_setup"):
+                cached = (key, refine_frames(samples, self.model))
+            self._frames_cache[session.id] = cached
+        return cached[1]
+
+    def _refine_burst(self, session: Session) -> None:
+        start = time.perf_counter()
+        try:
+            with torch.enable_grad():
+                refiner = self._refiners.get(session.id)
+                if refiner is None or session.refine_dirty:
+                    refiner = RefineSession(session.fuser.avatar, self.model.prompts, self.model.head,
+                                            self.refine_config)
+                    self._refiners[session.id] = refiner
+                    session.refine_dirty = False
+                frames = self._refine_frames(session)
+                with session.timer.time("refine"):
+                    stats = refiner.step(frames, seconds=session.options.refine_burst_seconds)
+            version = session.fuser.replace(refiner.gaussians(), {"refine": stats})
+        except Exception as exc:
+            log.exception("session %s: refinement failed; refinement turned off for it", session.id)
+            session.options.refine_seconds = 0.0
+            session.error = f"refinement failed: {exc}"
+            return
+        finally:
+            spent = time.perf_counter() - start
+            session.refine_spent += spent
+            self.busy_s += spent
+        self.on_version(session, version, time.time())
