@@ -117,8 +117,9 @@ class Daemon:
         session_id = f"s{next(self._ids)}"
         from fastavatar_stream.tracking import FaceTracker, TrackerConfig
 
-        tracker = FaceTracker(self._landmark_model, TrackerConfig(detector=options.detector,
-                                                                  fov_degrees=options.fov_degrees))
+        config = TrackerConfig(detector=options.detector, fov_degrees=options.fov_degrees)
+        tracker = await asyncio.get_running_loop().run_in_executor(
+            self._track_pool, FaceTracker, self._landmark_model, config)
         session = Session(session_id, name or getattr(source, "name", session_id), options,
                           self.model.input_size, tracker)
         self.sessions[session_id] = session
@@ -238,7 +239,7 @@ class Daemon:
         t0 = time.perf_counter()
         buffer.assign(uids, arrays, version.version)
         session.latest = version
-        stats = session.stats()
+        stats = dict(session.stats(), t_capture=t_capture)
         if self.publisher is not None:
             self.publisher.publish(buffer, t_capture=t_capture, stats=stats)
         for callback in list(self._subscribers.get(session.id, [])):

@@ -177,3 +177,38 @@ def test_two_sessions_stay_independent_and_a_failed_one_keeps_its_avatar(clip, m
     assert bad.latest is not None and bad.latest.version >= 1  # what was reconstructed is kept
     assert snapshot.version == bad.latest.version and len(snapshot.arrays["means"]) > 0
     assert good.report.frames_read == 24 and bad.report.frames_read == 10
+
+
+def test_serve_starts_sessions_from_the_control_api_and_shuts_down_cleanly(tmp_path, clip, micro_weights):
+    import signal
+
+    from protocols.client import AvatarSubscriber
+
+    pub, ctl = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = subprocess.Popen(CLI + ["serve", "--publish", pub, "--control", ctl, "--weights", str(micro_weights),
+                                     "--refine", "0", "--snapshot-dir", str(tmp_path / "snaps")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
+    try:
+        with AvatarSubscriber(pub, ctl) as subscriber:
+            deadline = time.time() + 90
+            while time.time() < deadline:  # the daemon loads its model before it answers
+                try:
+                    if subscriber.request("status", timeout=2).ok:
+                        break
+                except TimeoutError:
+                    continue
+            reply = subscriber.request("start", source=str(clip), timeout=60)
+            assert reply.ok, reply
+            session = reply.result["session"]
+            version = subscriber.next_version(timeout=90)
+            assert version.session == session and version.version >= 1
+            listing = subscriber.request("list", timeout=5)
+            assert any(s["session"] == session for s in listing.result["sessions"])
+            bad = subscriber.request("start", source=str(tmp_path / "missing.mp4"), timeout=5)
+            assert not bad.ok and "missing.mp4" in bad.error
+            assert subscriber.request("status", timeout=5).ok  # still serving after a bad request
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    assert list((tmp_path / "snaps").glob("s1_v*.ply")), "the final snapshot was written at shutdown"

@@ -1,0 +1,55 @@
+"""WebRTC into the real daemon: two aiortc peers on loopback, a real face clip as the camera track, the daemon's
+avatar versions on the data channel decode to exactly the avatar the daemon holds."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoints import save_checkpoint
+from engine.model import build_model
+from fastavatar_stream.demo import make_demo_clip
+
+
+@pytest.fixture(scope="module")
+def micro_weights(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
+
+
+def test_a_browser_like_peer_receives_the_daemons_avatar(tmp_path, micro_weights):
+    from engine.avatar_model import AvatarModel
+    from fastavatar_stream.daemon import Daemon, DaemonConfig
+    from fastavatar_stream.session import SessionOptions
+    from fastavatar_stream.webrtc_client import run_client
+    from fastavatar_stream.webrtc_server import ServerConfig, start_http
+    from protocols.webrtc import loopback_ice
+
+    clip = make_demo_clip(tmp_path / "face.mp4", n_frames=20, size=192, fps=10)
+
+    async def scenario():
+        config = DaemonConfig(session_defaults=SessionOptions(refine_seconds=0.0))
+        daemon = Daemon(config, model=AvatarModel.load(micro_weights))
+        await daemon.start()
+        with loopback_ice():
+            runner = await start_http(daemon, "127.0.0.1", 0, ServerConfig())
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            try:
+                result = await run_client(clip, url, timeout=90, settle=4.0)
+                session = daemon.sessions[result.session]
+                await daemon.wait_session(result.session)
+                return result, session, daemon.buffers[result.session]
+            finally:
+                await runner.cleanup()
+                await daemon.shutdown()
+
+    result, session, buffer = asyncio.run(scenario())
+    assert result.frames_sent == 20
+    assert session.frames_tracked >= 15 and session.windows_done >= 3
+    assert result.buffer is not None and result.buffer.version == buffer.version
+    assert result.buffer.equals(buffer), "the peer's avatar differs from the daemon's"
+    report = result.report()
+    assert report["versions_received"] >= 3 and report["malformed_messages"] == 0
