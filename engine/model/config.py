@@ -17,7 +17,8 @@ class ModelConfig:
     Encoder [§3]: `image_size` is the square side the images are resized to (a multiple of `patch_size`);
     the DINOv2 position table is stored for `enc_pos_grid`² patches and interpolated to the grid in use;
     `enc_layers` are the 0-based blocks whose (final-normed) outputs the fusion head fuses.
-    Transformer [§6]: `dim`, `heads`, `layers` global+frame pairs, MLP `mlp_ratio`.
+    Transformer [§6]: `dim`, `heads`, `layers` global+frame pairs, MLP `mlp_ratio`; `qk_norm` applies the
+    frame blocks' q/k RMSNorm (diffusers >= 0.31 behaviour; off only for weights trained without it).
     FramePack [§4]: `framepack_level` is the conv kernel and stride.
     Points [§5]: `n_points` canonical query points per slot (informational: the network accepts any count).
     Gaussian head [§7]: `gs_hidden` MLP width, offsets in ±`offset_step`/2, scales clamped to `scale_clip`.
@@ -44,6 +45,7 @@ class ModelConfig:
     layers: int = 10
     mlp_ratio: float = 4.0
     rope_base: float = 100.0
+    qk_norm: bool = True
     max_base_frames: int = 16
     max_frame_index: int = 1000
     # FramePack
@@ -102,21 +104,25 @@ OFFICIAL = ModelConfig(name="official")
 #: The paper's model: official sizes plus the eq. 2 guidance token per frame (100 FLAME expressions).
 PAPER = OFFICIAL.replace(name="paper", guidance=True)
 
-#: CPU-sized member of the family. Reasoning (measured, see benchmarks/RESULTS.md):
+#: CPU-sized member of the family: a 16-frame window (+ compressed slot) in well under a second on 2 cores.
+#: Reasoning (fp32, measured on the shared 2-core machine; see benchmarks/RESULTS.md):
 #: * cost is dominated by the frame blocks' joint attention over points + image tokens (quadratic in
-#:   n_points + grid²), repeated for 17 slots and every layer pair; so the point count and the grid are the
-#:   levers. 2,048 points (a subset of the head's vertices) keep the face densely covered while the
-#:   attention stays small; 168 px input gives a 12x12 grid (144 tokens/frame);
-#: * encoder: ViT width 192, 6 blocks, 3 heads (head dim 64), fusing blocks 1,3,4,5 -- trained from
-#:   scratch (no pretrained DINOv2 at this size), so it is not frozen;
-#: * transformer: dim 192, 3 heads (head dim 64 as official, so RoPE frequencies are the official ones),
-#:   2 global+frame pairs, MLP ratio 4;
-#: * FramePack level 4: 12x12 grid -> 3x3 = 9 tokens per pooled frame (level 8 would leave 2x2 = 4);
-#: * Gaussian-head MLP 128 wide.
+#:   n_points + grid^2, repeated for 17 slots and every layer pair) and by the per-token linears, so the
+#:   point count, the width and the grid are the levers. The suggested start (dim 192, 2,048 points, ViT
+#:   192x6: ~190 GFLOP) took ~4.7 s single-threaded per 16-frame window; this config (53.8 GFLOP) takes
+#:   0.65 s on 2 cores, 1.1 s on one (n_points is a run-time knob: 768 points -> 40.9 GFLOP);
+#: * 1,024 query points (a subset of the head's vertices) still cover the face; 168 px input gives a 12x12
+#:   grid (144 tokens per frame);
+#: * encoder: ViT width 128, 4 blocks, 2 heads (head dim 64), fusing all 4 blocks; trained from scratch (no
+#:   pretrained DINOv2 exists at this size), so it is not frozen;
+#: * transformer: dim 128, 2 heads (head dim 64 as official, so the RoPE frequencies are the official
+#:   ones), 2 global+frame pairs, MLP ratio 4;
+#: * FramePack level 4: 12x12 grid -> 3x3 = 9 tokens per pooled frame (level 8 would leave only 2x2);
+#: * Gaussian-head MLP 64 wide (the official head is 1024 -> 512; here 128 -> 64).
 TINY = ModelConfig(
-    name="tiny", image_size=168, enc_dim=192, enc_depth=6, enc_heads=3, enc_pos_grid=12,
-    enc_layers=(1, 3, 4, 5), enc_frozen=False, dim=192, heads=3, layers=2, framepack_level=4,
-    n_points=2048, gs_hidden=128, guidance_expr_dim=50,
+    name="tiny", image_size=168, enc_dim=128, enc_depth=4, enc_heads=2, enc_pos_grid=12,
+    enc_layers=(0, 1, 2, 3), enc_frozen=False, dim=128, heads=2, layers=2, framepack_level=4,
+    n_points=1024, gs_hidden=64, guidance_expr_dim=50,
 )
 
 #: Even smaller, for unit tests of plumbing (not for quality).
