@@ -225,7 +225,11 @@ CHECKPOINT_FORMAT = "fastavatar-stream/lgrt-1"
 
 def save_checkpoint(directory: str | Path, model: LGRT, config: ModelConfig | None = None,
                     metadata: dict | None = None) -> Path:
-    """Write `model.safetensors` + `model.json` ({format, config, metadata}) into `directory`; returns it."""
+    """Write `model.safetensors` + `model.json` into `directory`; returns it.
+
+    The JSON is flat: `format`, `config` (the ModelConfig) and every metadata entry at the top level (training
+    writes `command`, `steps`, `wall_s`, `validation`, `point_index`, ...).
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -233,8 +237,9 @@ def save_checkpoint(directory: str | Path, model: LGRT, config: ModelConfig | No
     cfg = config or model.cfg
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
-    meta = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "metadata": metadata or {}}
-    (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    meta = {k: v for k, v in (metadata or {}).items() if k not in ("format", "config")}
+    meta.update(format=CHECKPOINT_FORMAT, config=cfg.to_dict())
+    (directory / "model.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return directory
 
 
@@ -256,7 +261,9 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
         raise InputError(f"{metas[0]} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     weights = _load_tensors(tensors[0])
     model = materialize(LGRT, cfg, weights, source=str(tensors[0]))
-    return model.to(device).eval(), meta.get("metadata", {})
+    metadata = {k: v for k, v in meta.items() if k != "format"}
+    metadata.update(meta.get("metadata", {}))  # checkpoints written before the flat layout
+    return model.to(device).eval(), metadata
 
 
 def default_checkpoint_dir() -> Path:

@@ -61,7 +61,8 @@ def test_checkpoint_round_trip_with_validation_metadata(head, tmp_path):
     assert meta["config"]["name"] == "micro" and meta["train_config"]["steps"] == 1
     assert list((tmp_path / "validation").glob("*.png"))
     on_disk = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert on_disk["metadata"]["validation"] == meta["validation"]
+    assert on_disk["validation"] == meta["validation"]  # flat JSON: contract keys at the top level
+    assert {"config", "command", "steps", "wall_s", "validation"} <= set(on_disk)
 
 
 def test_rank_shards_are_disjoint_and_cover_the_data(head, tmp_path):
@@ -127,7 +128,7 @@ def test_cli_trains_and_writes_a_checkpoint(tmp_path, monkeypatch):
                "--no-progress"])
     assert rc == 0
     assert len(list(out.glob("*.safetensors"))) == 1 and len(list(out.glob("*.json"))) == 1
-    meta = json.loads(next(out.glob("*.json")).read_text())["metadata"]
+    meta = json.loads(next(out.glob("*.json")).read_text())
     assert meta["steps"] == 2 and "train" in meta["command"]
     # a second run into the same folder without --resume is a user error (exit 2)
     assert main(["train", "--config", "micro", "--steps", "2", "--out", str(out)]) == 2

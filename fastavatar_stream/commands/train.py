@@ -46,6 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=None, help="views per sample (default 20)")
     p.add_argument("--loss-weights", type=_weights, default=None, metavar="NAME=W,...",
                    help="override loss weights: rgb, ssim, lpips, track, mask, offset")
+    p.add_argument("--cache-samples", type=int, default=None, metavar="N",
+                   help="train on N distinct synthetic samples rendered once and kept in memory (default: a fresh "
+                        "render every step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -57,7 +60,8 @@ def build_train_config(args: argparse.Namespace):
     cfg = TrainConfig(model=args.config, data=args.data, steps=args.steps, batch=args.batch, seed=args.seed)
     for attr, name in (("lr", "lr"), ("resolution", "resolution"), ("val_every", "val_every"),
                        ("identities", "n_identities"), ("val_identities", "val_identities"), ("sampler", "sampler"),
-                       ("background", "background"), ("views", "n_views"), ("loss_weights", "loss_weights")):
+                       ("background", "background"), ("views", "n_views"), ("loss_weights", "loss_weights"),
+                       ("cache_samples", "cache_samples")):
         value = getattr(args, attr, None)
         if value is not None:
             setattr(cfg, name, value)
