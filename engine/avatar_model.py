@@ -19,6 +19,8 @@ from engine.model.lgrt import LGRT
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CROP_SCALE = 2.8
+
 
 def farthest_point_indices(points: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
     """(n,) indices of a farthest-point sample of (P,3) points, deterministic from `start`; all if n >= P."""
@@ -52,6 +54,16 @@ class AvatarModel:
     @property
     def input_size(self) -> int:
         return self.network.cfg.image_size
+
+    @property
+    def crop_scale(self) -> float:
+        """Side of the square input crop as a multiple of the 68-landmark box (sqrt of its area).
+
+        The framing a model was trained with is part of its input convention: our synthetic training views have
+        a median of 2.8 (10th-90th percentile 2.6-3.1, measured on engine.synthetic samples), which is the default;
+        a checkpoint may record its own as `crop_scale`.
+        """
+        return float(self.metadata.get("crop_scale", DEFAULT_CROP_SCALE))
 
     @property
     def device(self) -> torch.device:

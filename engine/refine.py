@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -123,9 +124,10 @@ class RefineSession:
         scale_excess = (self.params["log_scale"].exp() - c.max_scale).clamp_min(0)
         return loss + c.weight_offset * offset_excess.mean() + c.weight_scale * scale_excess.mean()
 
-    def step(self, frames: RefineFrames, *, iterations: int | None = None, seconds: float | None = None
-             ) -> dict[str, float]:
-        """Run optimisation steps until `iterations` are done or `seconds` have passed (at least one step)."""
+    def step(self, frames: RefineFrames, *, iterations: int | None = None, seconds: float | None = None,
+             stop: Callable[[], bool] | None = None) -> dict[str, float]:
+        """Run optimisation steps until `iterations` are done, `seconds` have passed or `stop()` is true
+        (checked after every step; at least one step runs)."""
         if iterations is None and seconds is None:
             raise ValueError("refine: give an iteration count or a time budget")
         if len(frames) == 0:
@@ -144,6 +146,8 @@ class RefineSession:
             if iterations is not None and done >= iterations:
                 break
             if seconds is not None and time.perf_counter() - start >= seconds:
+                break
+            if stop is not None and stop():
                 break
         return {"iterations": done, "seconds": time.perf_counter() - start, "loss": self.last_loss,
                 "total_steps": self.steps}

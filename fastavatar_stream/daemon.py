@@ -76,6 +76,9 @@ class Daemon:
         from fastavatar_stream.tracking import LandmarkModel
 
         self._landmark_model = LandmarkModel.from_head(self.model.head)
+        from fastavatar_stream.worker import warm_up_renderer
+
+        await self._loop.run_in_executor(None, warm_up_renderer, self.config.refine.backend)
         self.worker = EngineWorker(self.model, self._on_version, refine=self.config.refine)
         self.worker.start()
         if self.config.publish:
@@ -121,9 +124,10 @@ class Daemon:
         tracker = await asyncio.get_running_loop().run_in_executor(
             self._track_pool, FaceTracker, self._landmark_model, config)
         session = Session(session_id, name or getattr(source, "name", session_id), options,
-                          self.model.input_size, tracker)
+                          self.model.input_size, tracker, crop_scale=self.model.crop_scale)
         self.sessions[session_id] = session
         self.buffers[session_id] = AvatarBuffer(session_id)
+        session.report.fps = float(getattr(source, "fps", 0.0) or 0.0)  # media time counts the last frame too
         session.report.start()
         self.worker.add_session(session)
         self._tasks[session_id] = asyncio.create_task(self._run_session(session, source))

@@ -105,7 +105,7 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dic
     model = daemon.model
     extra = {"session": session.stats(), "tracker": dict(session.tracker.counts),
              "model": model.network.cfg.name, "weights": str(opts.weights or "default"),
-             "windower": vars(session.windower.stats)}
+             "windower": vars(session.windower.stats), **window_log(session)}
     if opts.holdout and session.holdout:
         extra_holdout = evaluate_holdout(model, session, out / "holdout.png")
         report.extra["holdout"] = extra_holdout
@@ -115,10 +115,26 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dic
     data["versions_published"] = list(report.versions)
     data["versions"] = len(report.versions)
     data["n_gaussians_final"] = report.n_gaussians[-1] if report.n_gaussians else 0
-    if "holdout" in report.extra:
-        data["holdout"] = report.extra["holdout"]
+    if "holdout" in data["extra"]:
+        data["holdout"] = data["extra"]["holdout"]  # NaN-free copy (to_dict maps NaN to None)
     (out / "report.json").write_text(__import__("json").dumps(data, indent=2))
     return data
+
+
+def window_log(session: Session) -> dict:
+    """Per-window frames and ready -> engine wait, and refinement burst lengths (seconds)."""
+    from fastavatar_stream.queues import percentiles
+
+    timings = list(session.window_timings)
+    bursts = [end - start for start, end in list(session.refine_bursts)]
+    return {
+        "window_log": [{"index": t.index, "frames": list(t.frames), "pool": list(t.pool),
+                        "wait_s": round(t.wait, 4),
+                        "engine_s": round(t.t_done - t.t_started, 4) if t.t_done is not None else None}
+                       for t in timings],
+        "window_wait": percentiles([t.wait for t in timings]),
+        "refine_bursts": {"n": len(bursts), **percentiles(bursts), "max": max(bursts) if bursts else None},
+    }
 
 
 def render_views(model, gaussians, shape: torch.Tensor | None, n_views: int = 8, size: int = 256,
@@ -162,7 +178,6 @@ def write_preview(model, session: Session, path: Path, size: int = 256) -> Path:
 def evaluate_holdout(model, session: Session, path: Path) -> dict:
     """Render the avatar with each held-out frame's tracked pose and camera; PSNR/SSIM in the head region and
     dlib identity distance where a face is found in both images. Writes real-vs-rendered pairs to `path`."""
-    from engine.losses import psnr, ssim
     from fastavatar_stream.worker import refine_frames
     from engine.refine import RefineSession
 
@@ -176,20 +191,52 @@ def evaluate_holdout(model, session: Session, path: Path) -> dict:
         for i in range(len(samples)):
             idx = torch.tensor([i])
             pred = renderer.render_frames(frames, idx, session.latest.gaussians)["rgb"][0]
-            target = frames.images[i]
-            m = frames.masks[i]
-            psnrs.append(float(psnr((pred * m + (1 - m))[None], (target * m + (1 - m))[None])))
-            ssims.append(float(ssim((pred * m + (1 - m))[None], (target * m + (1 - m))[None])))
+            psnrs.append(region_psnr(pred, frames.images[i], frames.masks[i]))
+            ssims.append(region_ssim(pred, frames.images[i], frames.masks[i]))
             renders.append(pred)
     real_u8 = [(frames.images[i].numpy() * 255).round().astype(np.uint8) for i in range(len(samples))]
     fake_u8 = [(r.clamp(0, 1).numpy() * 255).round().astype(np.uint8) for r in renders]
     distance = identity_distances(real_u8, fake_u8)
     pairs = [np.concatenate([a, b], axis=1) for a, b in zip(real_u8[:6], fake_u8[:6])]
     Image.fromarray(np.concatenate(pairs, axis=0)).save(path)
-    valid = [d for d in distance if d is not None]
-    return {"frames": [s.index for s in samples], "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
-            "identity_distance": float(np.mean(valid)) if valid else None, "identity_pairs": len(valid),
-            "per_frame_psnr": psnrs}
+    faces = [i for i, d in enumerate(distance) if d is not None]
+    return {"frames": [s.index for s in samples], "psnr": _mean(psnrs), "ssim": _mean(ssims),
+            "identity_distance": _mean([distance[i] for i in faces]), "identity_pairs": len(faces),
+            # the same metrics restricted to the frames where dlib found a face in both images
+            "psnr_face_pairs": _mean([psnrs[i] for i in faces]), "ssim_face_pairs": _mean([ssims[i] for i in faces]),
+            "per_frame": [{"frame": s.index, "psnr": p, "ssim": q, "identity_distance": d}
+                          for s, p, q, d in zip(samples, psnrs, ssims, distance)]}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def region_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """PSNR (dB) over the pixels inside `mask` only: pred/target (H,W,3) in [0,1], mask (H,W,1).
+    (Compositing both images on one background and averaging over the whole image would add
+    10*log10(1/mask fraction) dB for free.)"""
+    m = mask.float()
+    n = float(m.sum()) * pred.shape[-1]
+    if n == 0:
+        return float("nan")
+    mse = float((((pred.float() - target.float()) ** 2) * m).sum()) / n
+    return float(-10.0 * math.log10(max(mse, 1e-10)))
+
+
+def region_ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """SSIM on the bounding box of `mask`, both images composited on white outside the mask:
+    pred/target (H,W,3) in [0,1], mask (H,W,1)."""
+    from engine.losses import ssim
+
+    ys, xs = torch.nonzero(mask[..., 0] > 0.5, as_tuple=True)
+    if ys.numel() == 0:
+        return float("nan")
+    box = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+    m = mask.float()[box]
+    a, b = pred.float()[box] * m + (1 - m), target.float()[box] * m + (1 - m)
+    return float(ssim(a[None], b[None])[0])
 
 
 def identity_distances(real: list[np.ndarray], fake: list[np.ndarray]) -> list[float | None]:

@@ -33,6 +33,8 @@ class SessionOptions:
     budget: most Gaussians the avatar keeps. holdout: every K-th frame is kept out of reconstruction and
     refinement for evaluation (0: none). refine_seconds: total refinement time for this session (0: off).
     max_frames: stop after this many source frames (None: the whole stream).
+    refine_burst_seconds: length of one refinement burst on the engine worker (a ready window waits at most
+      about this long, usually one optimiser step). max_timings: window/burst timing records kept.
     """
 
     live: bool = False
@@ -46,6 +48,24 @@ class SessionOptions:
     fov_degrees: float = 40.0
     max_ready_windows: int = 2
     max_prepared: int = 512
+    max_timings: int = 2_000
+
+
+@dataclass
+class WindowTiming:
+    """When one window became ready for the engine, when the engine took it and when it was done
+    (time.perf_counter() seconds). wait = t_started - t_ready is what refinement bursts may add."""
+
+    index: int
+    t_ready: float
+    t_started: float
+    frames: tuple[int, ...] = ()  # indices of the window's sparse frames
+    pool: tuple[int, ...] = ()    # indices of its FramePack pool frames
+    t_done: float | None = None
+
+    @property
+    def wait(self) -> float:
+        return self.t_started - self.t_ready
 
 
 @dataclass
@@ -61,12 +81,12 @@ class Session:
     """State of one stream; see the module docstring for who touches what."""
 
     def __init__(self, session_id: str, name: str, options: SessionOptions, input_size: int,
-                 tracker, expects_matted: bool = False) -> None:
+                 tracker, expects_matted: bool = False, crop_scale: float = 2.8) -> None:
         self.id = session_id
         self.name = name
         self.options = options
         self.tracker = tracker
-        self.preparer = FramePreparer(size=input_size, scale=1.9, expects_matted=expects_matted)
+        self.preparer = FramePreparer(size=input_size, scale=crop_scale, expects_matted=expects_matted)
         self.windower = Windower(session_id)
         self.fuser = IncrementalFuser(budget=options.budget)
         self.report = ReplayReport(source=name, realtime=options.live)
@@ -87,6 +107,11 @@ class Session:
         self.holdout: list[RefineSample] = []
         self.tracking_done = threading.Event()
         self.t_created = time.time()
+        # bounded: a daemon session may run for hours
+        self.window_timings: deque[WindowTiming] = deque(maxlen=options.max_timings)
+        self.refine_bursts: deque[tuple[float, float]] = deque(maxlen=options.max_timings)  # perf_counter spans
+        self._ready_times: deque[float] = deque()  # when each window of _ready was queued (replay mode)
+        self._t_live_ready: float | None = None  # when the live windower last became due
 
     # -- tracking side (tracking thread) ---------------------------------------------------------------------
     def is_holdout(self, index: int) -> bool:
@@ -112,11 +137,18 @@ class Session:
                 self._prepared.popitem(last=False)
         if self.options.live:
             self.windower.add(frame)
+            with self.lock:
+                if self._t_live_ready is None and self.windower.oldest_ready_capture() is not None:
+                    self._t_live_ready = time.perf_counter()
         else:
             window = self.windower.push(frame)
             if window is not None:
-                with self.lock:
-                    self._ready.append(window)
+                self._queue(window)
+
+    def _queue(self, window: Window) -> None:
+        with self.lock:
+            self._ready_times.append(time.perf_counter())
+            self._ready.append(window)
 
     def backlog_full(self) -> bool:
         """Replay back-pressure: the tracking side waits while this many windows wait for the engine."""
@@ -127,8 +159,7 @@ class Session:
         """End of stream: the last partial window (if any) becomes ready."""
         window = self.windower.flush()
         if window is not None:
-            with self.lock:
-                self._ready.append(window)
+            self._queue(window)
         self.tracking_done.set()
 
     # -- engine side (engine worker) ----------------------------------------------------------------------------
@@ -145,17 +176,26 @@ class Session:
         """The next window for the engine; the caller must call `window_finished()` when done with it."""
         with self.lock:
             window = self._ready.popleft() if self._ready else None
+            now = time.perf_counter()
+            t_ready = self._ready_times.popleft() if window is not None else now
             if window is None and self.options.live:
                 window = self.windower.take()
                 if window is not None:
                     self.report.strides.append(window.stride)
+                    t_ready = self._t_live_ready if self._t_live_ready is not None else now
+                    self._t_live_ready = None
             if window is not None:
                 self.in_flight += 1
+                self.window_timings.append(WindowTiming(window.index, t_ready, now,
+                                                        tuple(f.index for f in window.frames),
+                                                        tuple(f.index for f in window.pool)))
             return window
 
     def window_finished(self) -> None:
         with self.lock:
             self.in_flight -= 1
+            if self.window_timings and self.window_timings[-1].t_done is None:
+                self.window_timings[-1].t_done = time.perf_counter()
 
     def engine_idle(self) -> bool:
         """No window waiting for or inside the engine."""

@@ -2,8 +2,9 @@
 
 It takes ready windows from all sessions, oldest first, runs the LGRT on them, folds the result into the
 session's avatar and hands the new version to the event loop. When no window is ready it spends short bursts
-refining the avatar of a session that asked for it; a burst is short, so a window that becomes ready waits at
-most one burst. A failure in one session's window ends that session, never the worker.
+refining the avatar of a session that asked for it; a burst is short and ends after the optimiser step during
+which any session's window became ready, so a ready window waits at most one burst (usually one step).
+A failure in one session's window ends that session, never the worker.
 """
 from __future__ import annotations
 
@@ -75,6 +76,26 @@ def head_masks(model: AvatarModel, frames: RefineFrames, radius: float = 0.008) 
     return (out["alpha"] > 0.5).float()
 
 
+def warm_up_renderer(backend: str = "auto") -> float:
+    """Render a few Gaussians forward and backward once; returns the seconds it took.
+
+    The first render of a process loads the compiled CPU kernels (about 1 s); done at daemon start it stays off
+    the stream's clock instead of delaying the window that arrives during the first refinement burst."""
+    from engine.render import render
+    from engine.types import orbit_cameras
+
+    start = time.perf_counter()
+    cams = orbit_cameras(1, radius=0.65, fov_x_degrees=28, width=16, height_px=16)
+    n = 8
+    means = torch.zeros(1, n, 3, requires_grad=True)
+    with torch.enable_grad():
+        out = render(means, torch.tensor([1.0, 0, 0, 0]).expand(1, n, 4).contiguous(), torch.full((1, n, 3), 0.01),
+                     torch.full((1, n), 0.5), torch.full((1, n, 3), 0.5), cams.viewmats, cams.Ks, 16, 16,
+                     backend=backend)
+        out["rgb"].sum().backward()
+    return time.perf_counter() - start
+
+
 class EngineWorker(threading.Thread):
     """Owns the AvatarModel; see the module docstring."""
 
@@ -116,6 +137,12 @@ class EngineWorker(threading.Thread):
     def idle_for(self, session: Session) -> bool:
         """True when nothing of this session is waiting for the engine (no ready window)."""
         return session.oldest_ready() is None
+
+    def window_waiting(self) -> bool:
+        """True when any session has a window ready for the engine (ends a refinement burst early)."""
+        with self._wake:
+            sessions = list(self._sessions.values())
+        return any(s.state != "failed" and s.oldest_ready() is not None for s in sessions)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -209,7 +236,8 @@ class EngineWorker(threading.Thread):
                     session.refine_dirty = False
                 frames = self._refine_frames(session)
                 with session.timer.time("refine"):
-                    stats = refiner.step(frames, seconds=session.options.refine_burst_seconds)
+                    stats = refiner.step(frames, seconds=session.options.refine_burst_seconds,
+                                         stop=self.window_waiting)
             version = session.fuser.replace(refiner.gaussians(), {"refine": stats})
         except Exception as exc:
             log.exception("session %s: refinement failed; refinement turned off for it", session.id)
@@ -221,3 +249,4 @@ class EngineWorker(threading.Thread):
             session.refine_spent += spent
             self.busy_s += spent
         self.on_version(session, version, time.time())
+        session.refine_bursts.append((start, time.perf_counter()))

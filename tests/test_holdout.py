@@ -1,0 +1,130 @@
+"""Held-out evaluation and refinement inside the daemon (issue 9).
+
+- `replay --holdout K` keeps every K-th frame out of every window and reports PSNR/SSIM/identity on them;
+- refinement bursts never make a ready window late, even with a slow refiner;
+- refined avatar versions stay within the session's Gaussian budget.
+
+The model is a randomly initialised `micro` network and the clip a short PyAV-encoded face (the pipeline is
+under test, not the likeness).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from engine.checkpoints import save_checkpoint
+from engine.model import build_model
+from fastavatar_stream.demo import make_demo_clip
+
+CLI = [sys.executable, "-m", "fastavatar_stream"]
+N_FRAMES = 24
+
+
+@pytest.fixture(scope="module")
+def micro_weights(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_demo_clip(tmp_path_factory.mktemp("clip") / "face.mp4", n_frames=N_FRAMES, size=192)
+
+
+def run_session(weights: Path, clip: Path, **options):
+    """Replay `clip` through a Daemon with SessionOptions(**options); returns (session, Gaussian counts of every
+    installed version as the subscribers saw them)."""
+    from fastavatar_stream.daemon import Daemon, DaemonConfig
+    from fastavatar_stream.session import SessionOptions
+    from fastavatar_stream.sources import open_source
+
+    async def main():
+        daemon = Daemon(DaemonConfig(weights=str(weights)))
+        await daemon.start()
+        try:
+            sid = await daemon.open_session(open_source(str(clip)), options=SessionOptions(**options))
+            seen: list[int] = []
+            daemon.subscribe(sid, lambda buffer, stats: seen.append(buffer.n_live))
+            return await daemon.wait_session(sid), seen
+        finally:
+            await daemon.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_replay_holdout_keeps_every_kth_frame_out_and_reports_metrics(tmp_path, clip, micro_weights):
+    k = 4
+    out = tmp_path / "out"
+    proc = subprocess.run(CLI + ["replay", str(clip), "--out", str(out), "--weights", str(micro_weights),
+                                 "--holdout", str(k), "--refine", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+    report = json.loads((out / "report.json").read_text())
+    holdout = report["holdout"]
+    every_kth = [i for i in range(N_FRAMES) if i % k == k - 1]
+    assert holdout["frames"] and set(holdout["frames"]) <= set(every_kth)
+    assert len(holdout["frames"]) >= len(every_kth) - report["frames_unusable"]
+    used = set()
+    for window in report["extra"]["window_log"]:
+        used |= set(window["frames"]) | set(window["pool"])
+    assert used, "no window was processed"
+    assert not used & set(every_kth), "a held-out frame went into a window"
+    assert isinstance(holdout["psnr"], float) and math.isfinite(holdout["psnr"]) and holdout["psnr"] > 0
+    assert isinstance(holdout["ssim"], float) and -1.0 <= holdout["ssim"] <= 1.0
+    assert holdout["identity_distance"] is None or (isinstance(holdout["identity_distance"], float)
+                                                    and holdout["identity_distance"] >= 0)
+    assert report["extra"]["session"]["refine_s"] > 0  # refinement ran, on the kept frames only
+    with Image.open(out / "holdout.png") as png:
+        assert png.width > png.height / len(holdout["frames"])  # real | rendered pairs, one row per frame
+
+
+def test_refinement_never_makes_a_ready_window_late(monkeypatch, clip, micro_weights):
+    from engine.refine import RefineSession
+
+    step_s, burst_s = 0.1, 1.0
+    slow_loss = RefineSession.loss
+
+    def loss(self, frames, index):  # every optimiser step of this refiner takes at least step_s
+        time.sleep(step_s)
+        return slow_loss(self, frames, index)
+
+    monkeypatch.setattr(RefineSession, "loss", loss)
+    session, _ = run_session(micro_weights, clip, refine_seconds=3.0, refine_burst_seconds=burst_s)
+
+    assert session.state == "ended", session.error
+    bursts = list(session.refine_bursts)
+    timings = list(session.window_timings)
+    assert len(bursts) >= 3 and len(timings) >= 4
+    # the premise: windows did become ready while the refiner was busy
+    assert any(start <= t.t_ready <= end for t in timings for start, end in bursts)
+    margin = 0.5  # thread wake-up and the burst's bookkeeping on a loaded 2-core machine
+    longest_burst = max(end - start for start, end in bursts)
+    assert longest_burst <= burst_s + step_s + margin
+    for t in timings:
+        assert t.wait <= longest_burst + margin, f"window {t.index} waited {t.wait:.2f} s"
+        # a burst ends after the step during which the window became ready, not after the full burst length
+        assert t.wait <= step_s + margin, f"window {t.index} waited {t.wait:.2f} s"
+
+
+def test_refined_versions_stay_within_the_gaussian_budget(clip, micro_weights):
+    budget = 300  # a `micro` window of 4 frames predicts 320 Gaussians
+    session, seen = run_session(micro_weights, clip, budget=budget, refine_seconds=1.5)
+
+    assert session.state == "ended", session.error
+    counts = session.report.n_gaussians
+    assert len(counts) > session.windows_done, "no refined version was published"
+    assert max(counts) == budget  # the budget binds
+    assert all(n <= budget for n in counts)
+    assert seen and all(n <= budget for n in seen)
+    assert len(session.latest.gaussians) <= budget
