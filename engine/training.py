@@ -3,8 +3,10 @@
 One step, per sample: draw 1..16 input views and `n_targets` disjoint target views (plus up to `max_pool`
 FramePack extras from the remaining views), run the network, then
 - sliced fusion: one random single-slot Gaussian set g_i and one fused set g_sliced of N_sliced < N random base
-  slots plus the FramePack slot; both are animated with every input and target view's FLAME parameters and
-  rendered with its camera, soft stochastic pruning on (SPEC §8, training mode);
+  slots plus the FramePack slot (`sliced_fusion=False`, an ablation: one set of all slots fused instead); both
+  are animated with every input and target view's FLAME parameters and rendered with its camera, soft
+  stochastic pruning on (SPEC §8, training mode); models built with guidance get it from the sample's
+  cameras and FLAME parameters (`sample_guidance`);
 - photometric terms (L1, 1-SSIM, LPIPS if its files are present) of both renders against the plain-background
   targets; landmark tracking loss (engine.losses); offset and pruning regularizers over all slots.
 AdamW (betas 0.9/0.95, weight decay 1e-3 as the official config) with a cosine schedule; bf16 autocast and
@@ -63,6 +65,7 @@ class TrainConfig:
     max_inputs: int = 16
     max_pool: int = 4                  # FramePack extras drawn from views that are neither inputs nor targets
     n_sliced_max: int = 8
+    sliced_fusion: bool = True         # False (ablation): one render of all slots fused instead of single + sliced
     loss_weights: dict = field(default_factory=dict)   # overrides of engine.losses.LossWeights
     val_every: int = 200
     val_identities: int = 2
@@ -90,6 +93,15 @@ def model_prompts(head, n_points: int, levels: int = 1):
     full = build_point_prompts(head, levels=levels)
     idx = farthest_point_indices(full.v_template, n_points)
     return full.subset(idx), idx
+
+
+def sample_guidance(sample: HeadSample, index: list[int]) -> dict[str, torch.Tensor]:
+    """The guidance inputs (paper eq. 2) of views `index` of `sample`, batch of one: camera (1,N,4,4)
+    world-to-camera, expression (1,N,E) and pose (1,N,15) = global, neck, jaw, eyes axis-angles."""
+    idx = torch.as_tensor(index, dtype=torch.long, device=sample.images.device)
+    flame = sample.flame.index(idx)
+    pose = torch.cat([flame.rotation, flame.neck, flame.jaw, flame.eyes], dim=-1)
+    return {"camera": sample.cameras.viewmats[idx][None], "expression": flame.expression[None], "pose": pose[None]}
 
 
 # -- gradient checkpointing ----------------------------------------------------------------------------------------
@@ -300,14 +312,19 @@ class Trainer:
         shape = sample.flame.shape[:1]
         points = self.prompts.canonical(shape)                                      # (1,P,3)
         pool_images = sample.images[pool][None] if pool else None
-        out = self.ddp_model(sample.images[inputs][None], points, pool_images=pool_images)
+        out = self.ddp_model(sample.images[inputs][None], points, pool_images=pool_images,
+                             guidance=self._guidance(sample, inputs))
         n_base = out.xyz.shape[1] - 1
-        single, sliced = L.sliced_selection(n_base, self.cfg.n_sliced_max, gen)
+        if self.cfg.sliced_fusion:
+            single, sliced = L.sliced_selection(n_base, self.cfg.n_sliced_max, gen)
+            renders = (("single", [single]), ("sliced", sliced + [n_base]))
+        else:  # ablation: supervise only the full fusion, so no slot has to stand on its own
+            renders = (("fused", list(range(n_base + 1))),)
         views = sample.select(inputs + targets)
         w = self.weights
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
-        for name, slots in (("single", [single]), ("sliced", sliced + [n_base])):
+        for name, slots in renders:
             pred = render_set(slot_sets(out, 0, slots), self.prompts, self.head, views, soft_prune=True,
                               generator=gen, backend=self.cfg.render_backend)
             tgt = views.targets.permute(0, 2, 3, 1)
@@ -315,7 +332,7 @@ class Trainer:
             for k, v in img.items():
                 terms[f"{k}_{name}"] = v.detach()
                 total = total + getattr(w, k) * v
-            if name == "sliced":
+            if name != "single":
                 terms["_pred"], terms["_target"] = pred.detach(), tgt
         # landmark tracking: each base slot's landmark-anchor Gaussians posed and projected into every input view
         if w.track > 0:
@@ -337,6 +354,12 @@ class Trainer:
         terms["loss"] = total
         terms["n_inputs"] = torch.tensor(float(len(inputs)))
         return terms
+
+    def _guidance(self, sample: HeadSample, inputs: list[int]) -> dict[str, torch.Tensor] | None:
+        """Guidance for the base frames among `inputs` when the model takes it (config `guidance`), else None."""
+        if not self.model_config.guidance:
+            return None
+        return sample_guidance(sample, inputs[: self.model_config.max_base_frames])
 
     def train_step(self, batch: list[HeadSample]) -> dict[str, float]:
         self.model.train()
@@ -394,7 +417,8 @@ class Trainer:
                     if n > len(pool):
                         continue
                     inputs = pool[:n]
-                    out = self.model(sample.images[inputs][None], self.prompts.canonical(sample.flame.shape[:1]))
+                    out = self.model(sample.images[inputs][None], self.prompts.canonical(sample.flame.shape[:1]),
+                                     guidance=self._guidance(sample, inputs))
                     gs = slot_sets(out, 0, list(range(out.xyz.shape[1])))
                     pred = render_set(gs, self.prompts, self.head, tgt_views, soft_prune=False, generator=None,
                                       backend=self.cfg.render_backend, hard_prune=True).clamp(0, 1)

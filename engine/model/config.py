@@ -18,7 +18,8 @@ class ModelConfig:
     the DINOv2 position table is stored for `enc_pos_grid`² patches and interpolated to the grid in use;
     `enc_layers` are the 0-based blocks whose (final-normed) outputs the fusion head fuses.
     Transformer [§6]: `dim`, `heads`, `layers` global+frame pairs, MLP `mlp_ratio`; `qk_norm` applies the
-    frame blocks' q/k RMSNorm (diffusers >= 0.31 behaviour; off only for weights trained without it).
+    frame blocks' q/k RMSNorm (diffusers >= 0.31 behaviour; off only for weights trained without it);
+    `global_attention=False` builds no global blocks (the paper's "w/o global attention" ablation).
     FramePack [§4]: `framepack_level` is the conv kernel and stride.
     Points [§5]: `n_points` canonical query points per slot (informational: the network accepts any count).
     Gaussian head [§7]: `gs_hidden` MLP width, offsets in ±`offset_step`/2, scales clamped to `scale_clip`.
@@ -46,6 +47,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     rope_base: float = 100.0
     qk_norm: bool = True
+    global_attention: bool = True     # False: no global blocks (ablation: each slot sees only its own frame)
     max_base_frames: int = 16
     max_frame_index: int = 1000
     # FramePack

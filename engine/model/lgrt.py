@@ -33,7 +33,8 @@ class LGRT(nn.Module):
         self.framepack = FramePack(cfg.dim, cfg.framepack_level)
         self.point_embed = PointEmbed(cfg.dim)
         self.transformer = AlternatingTransformer(cfg.dim, cfg.heads, cfg.layers, cfg.mlp_ratio, cfg.rope_base,
-                                                  cfg.max_frame_index, cfg.qk_norm)
+                                                  cfg.max_frame_index, cfg.qk_norm,
+                                                  cfg.global_attention)
         self.gs_head = GaussianHead(cfg.dim, cfg.gs_hidden, cfg.offset_step, cfg.scale_clip)
         self.guidance = (GuidanceEncoder(cfg.dim, cfg.guidance_camera_dim, cfg.guidance_expr_dim,
                                          cfg.guidance_pose_dim) if cfg.guidance else None)

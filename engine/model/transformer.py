@@ -34,14 +34,17 @@ class AlternatingTransformer(nn.Module):
 
     Weights: `frame_attn`, `compressed_frame_attn` (FrameStack each; the latter's `norm` is unused, as in
     the official network), `global_attn_layers.N`. `frame_idx_emb` is a non-persistent sin/cos table.
+    With `global_attention=False` there are no global blocks (an ablation): every slot then only ever attends
+    to its own frame's tokens, so nothing registers the slots with each other.
     """
 
     def __init__(self, dim: int, heads: int, layers: int, mlp_ratio: float, rope_base: float,
-                 max_frame_index: int, qk_norm: bool = True) -> None:
+                 max_frame_index: int, qk_norm: bool = True, global_attention: bool = True) -> None:
         super().__init__()
         self.frame_attn = FrameStack(dim, heads, layers, mlp_ratio, qk_norm)
         self.compressed_frame_attn = FrameStack(dim, heads, layers, mlp_ratio, qk_norm)
-        self.global_attn_layers = nn.ModuleList(GlobalBlock(dim, heads, mlp_ratio, rope_base) for _ in range(layers))
+        self.global_attn_layers = nn.ModuleList(GlobalBlock(dim, heads, mlp_ratio, rope_base)
+                                                for _ in range(layers if global_attention else 0))
         self.max_frame_index = max_frame_index
         self.register_buffer("frame_idx_emb", frame_index_table(max_frame_index, dim), persistent=False)
         scaled_init_(self)
@@ -85,11 +88,12 @@ class AlternatingTransformer(nn.Module):
         x_comp = points
         c_base = base.reshape(b * n, tb, c)
         c_comp = comp
-        for glob, frame, cframe in zip(self.global_attn_layers, self.frame_attn.layers,
-                                       self.compressed_frame_attn.layers):
-            tokens = glob(torch.cat([c_base.reshape(b, n * tb, c), c_comp], dim=1), positions)
-            c_base = tokens[:, :n * tb].reshape(b * n, tb, c)
-            c_comp = tokens[:, n * tb:]
+        for i, (frame, cframe) in enumerate(zip(self.frame_attn.layers, self.compressed_frame_attn.layers)):
+            if i < len(self.global_attn_layers):
+                tokens = self.global_attn_layers[i](torch.cat([c_base.reshape(b, n * tb, c), c_comp], dim=1),
+                                                    positions)
+                c_base = tokens[:, :n * tb].reshape(b * n, tb, c)
+                c_comp = tokens[:, n * tb:]
             x_base, c_base = frame(x_base, c_base)
             x_comp, c_comp = cframe(x_comp, c_comp)
         latents = torch.cat([x_base.reshape(b, n, p, c), x_comp[:, None]], dim=1)
