@@ -12,14 +12,18 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+# run as a script, this folder comes first on sys.path and benchmarks/engine.py would hide the engine package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from engine.render import render
-from engine.types import intrinsics_from_fov, look_at
+import torch  # noqa: E402
+
+from engine.render import render  # noqa: E402
+from engine.types import intrinsics_from_fov, look_at  # noqa: E402
 
 CASES = ((20_000, 256), (80_000, 512))
 

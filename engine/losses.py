@@ -242,13 +242,16 @@ def landmark_tracking_loss(predicted_px: torch.Tensor, landmarks: torch.Tensor, 
 def sliced_selection(n_base: int, n_sliced_max: int, generator: torch.Generator) -> tuple[int, list[int]]:
     """Pick the slots for sliced fusion (paper §3.3): one random single slot and N_sliced < N random slots.
 
+    N_sliced is drawn from the upper half of [1, min(n_sliced_max, N - 1)]: the single-slot render already
+    covers small sets, and the fused avatar the daemon serves holds up to 16 slots, so large sets must be seen
+    in training (an early run with N_sliced uniform in 1..8 got worse with more input frames).
     With one base slot, the sliced set is that slot (nothing smaller than N exists). Returns (single, sliced list).
     """
     single = int(torch.randint(n_base, (1,), generator=generator))
     if n_base <= 1:
         return single, [0]
     upper = max(1, min(n_sliced_max, n_base - 1))
-    n_sliced = int(torch.randint(1, upper + 1, (1,), generator=generator))
+    n_sliced = int(torch.randint(max(1, (upper + 1) // 2), upper + 1, (1,), generator=generator))
     sliced = torch.randperm(n_base, generator=generator)[:n_sliced].sort().values.tolist()
     return single, sliced
 

@@ -64,7 +64,7 @@ class TrainConfig:
     n_targets: int = 4
     max_inputs: int = 16
     max_pool: int = 4                  # FramePack extras drawn from views that are neither inputs nor targets
-    n_sliced_max: int = 8
+    n_sliced_max: int = 15             # paper: N_sliced < N (N <= 16)
     sliced_fusion: bool = True         # False (ablation): one render of all slots fused instead of single + sliced
     loss_weights: dict = field(default_factory=dict)   # overrides of engine.losses.LossWeights
     val_every: int = 200
