@@ -10,7 +10,6 @@ validation PSNR per number of input frames at every validation.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -47,10 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     for old in list(dest.glob("*.safetensors")) + list(dest.glob("*.json")):
         old.unlink()
-    for name in ("model.safetensors", "model.json"):
-        shutil.copy2(Path(args.work) / name, dest / name)
+    install(Path(args.work), dest)
     print(f"installed {dest}", file=sys.stderr)
     return 0
+
+
+def install(work: Path, dest: Path) -> None:
+    """Copy the trained weights into the package as float16 (half the size; loading casts back to float32)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(work / "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(dest / "model.safetensors"))
+    meta = json.loads((work / "model.json").read_text())
+    meta["stored_dtype"] = "float16"
+    (dest / "model.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    del torch
 
 
 if __name__ == "__main__":

@@ -99,6 +99,30 @@ class AvatarModel:
         log.info("loaded %s model from %s", network.cfg.name, directory)
         return cls.create(network, head, metadata.get("point_index"), metadata)
 
+    @classmethod
+    def from_official(cls, weights_path: str | Path, dinov2_path: str | Path | None = None,
+                      flame_path: str | Path | None = None, oral_mesh_path: str | Path | None = None, *,
+                      head=None, config="official", device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> "AvatarModel":
+        """The official FastAvatar v2 network with its own 21,675 query points (SPEC.md §5).
+
+        Geometry from the weights file, else rebuilt from `flame_path` + `oral_mesh_path` (see `load_official`).
+        Animation uses the non-subdivided official buffers (`OfficialRig`, SPEC.md §8) unless `head` is given;
+        pass `engine.load_head(flame2023.pkl, landmarks)` as `head` where landmark tracking is needed too.
+        """
+        from engine.checkpoints import load_official
+        from engine.official_geometry import OfficialRig
+        from engine.prompts import PointPrompts
+
+        loaded = load_official(weights_path, dinov2_path=dinov2_path, config=config, dtype=dtype, device=device,
+                               flame_path=flame_path, oral_mesh_path=oral_mesh_path)
+        prompts = PointPrompts.from_official_geometry(loaded.geometry)
+        rig = OfficialRig.from_geometry(loaded.geometry) if head is None else head
+        log.info("loaded official weights from %s (geometry: %s, %d points)", weights_path, loaded.geometry_source,
+                 len(prompts))
+        return cls(loaded.model, rig, prompts, torch.arange(len(prompts)),
+                   {"source": "official", "geometry_source": loaded.geometry_source})
+
     def canonical_points(self, shape: torch.Tensor | None) -> torch.Tensor:
         """(P,3) canonical prompt positions for identity `shape` (S',) (zero-padded/truncated to the head's)."""
         n_shape = self.prompts.shapedirs.shape[-1]

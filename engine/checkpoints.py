@@ -2,7 +2,8 @@
 
 Official file (SPEC.md §9): a safetensors dump of `ModelFastAvatar.state_dict()`. We strip a leading
 `module.` / `_orig_mod.`, map every key through `OFFICIAL_PREFIX_MAP` onto our module names, take DINOv2 from
-the file or from Meta's `dinov2_vitl14_reg4_pretrain.pth`, return the FLAME geometry buffers the file holds,
+the file or from Meta's `dinov2_vitl14_reg4_pretrain.pth`, take the FLAME geometry buffers from the file or
+rebuild them from the user's FLAME 2023 + oral mesh (`engine.official_geometry`),
 skip only the entries SPEC.md says are unused (`UNUSED_OFFICIAL_KEYS`), and refuse anything else that does
 not fit (missing, unexpected or mis-shaped keys) with one `InputError` that lists them.
 
@@ -168,32 +169,42 @@ class OfficialWeights:
     """Result of `load_official`; unpacks as `model, geometry = load_official(...)`.
 
     model:    LGRT in eval mode with the official weights (float32 unless asked otherwise)
-    geometry: the FLAME geometry buffers found in the file (`GEOMETRY_KEYS`), empty when the file has none
-              (then the head model must be rebuilt from the user's FLAME 2023 + oral-mesh assets, SPEC.md §5)
+    geometry: the FLAME geometry buffers (`GEOMETRY_KEYS`): the file's, or rebuilt from the user's FLAME 2023 +
+              oral-mesh assets (SPEC.md §5, `engine.official_geometry`; rebuilt ones also hold `faces`)
     ignored:  official keys skipped as unused (SPEC.md §9)
+    geometry_source: "file", "rebuilt" or "rebuilt+file" (file buffers over a rebuild, as the official runner does)
     """
 
     model: LGRT
     geometry: dict[str, torch.Tensor]
     ignored: list[str]
+    geometry_source: str = "file"
 
     def __iter__(self):
         return iter((self.model, self.geometry))
 
 
 def load_official(path: str | Path, *, dinov2_path: str | Path | None = None, config: str | ModelConfig = "official",
-                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> OfficialWeights:
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  flame_path: str | Path | None = None, oral_mesh_path: str | Path | None = None) -> OfficialWeights:
     """Load the released `model.safetensors` into our LGRT.
 
     DINOv2 comes from the file when it holds `encoder.model.*`, else from `dinov2_path` (Meta's .pth).
+    FLAME geometry comes from the file's `renderer.flame_model.*` buffers when it has all of them, else it is
+    rebuilt from `flame_path` (flame2023.pkl) + `oral_mesh_path` (oral_jawopen0p5.obj); InputError names what
+    is missing when neither is possible.
     If every qk-RMSNorm gain is exactly 1 the weights were trained without qk-norm (diffusers < 0.31), so the
     model is built with `qk_norm=False` (SPEC.md §6).
     """
+    from engine.official_geometry import resolve_official_geometry
+
     path = Path(path)
     mapped = map_official_state_dict(_load_tensors(path))
     if mapped.unexpected:
         raise InputError(f"{path} has {len(mapped.unexpected)} keys that are not part of the FastAvatar v2 "
                          f"network: {_listing(mapped.unexpected)}")
+    geometry, geometry_source = resolve_official_geometry(mapped.geometry, flame_path, oral_mesh_path,
+                                                          source=str(path))
     weights = mapped.weights
     if not any(k.startswith("encoder.backbone.") for k in weights):
         if dinov2_path is None:
@@ -206,7 +217,7 @@ def load_official(path: str | Path, *, dinov2_path: str | Path | None = None, co
         cfg = cfg.replace(qk_norm=False)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     model = materialize(LGRT, cfg, weights, source=str(path), dtype=dtype)
-    return OfficialWeights(model.to(device).eval(), mapped.geometry, mapped.ignored)
+    return OfficialWeights(model.to(device).eval(), geometry, mapped.ignored, geometry_source)
 
 
 def materialize(cls, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, source: str,
@@ -259,7 +270,8 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
         raise InputError(f"{metas[0]} is not an LGRT checkpoint description: {exc}") from exc
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{metas[0]} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    weights = _load_tensors(tensors[0])
+    # weights may be stored in half precision (the shipped default is); the model computes in float32
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in _load_tensors(tensors[0]).items()}
     model = materialize(LGRT, cfg, weights, source=str(tensors[0]))
     metadata = {k: v for k, v in meta.items() if k != "format"}
     metadata.update(meta.get("metadata", {}))  # checkpoints written before the flat layout

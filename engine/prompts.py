@@ -20,6 +20,9 @@ def subdivide_midpoint(vertices: np.ndarray | torch.Tensor, faces: np.ndarray | 
     vertices (V,3), faces (F,3), attributes: name -> (V, ...) per-vertex arrays.
     Returns vertices (V+E,3), faces (4F,3) and attributes (V+E, ...), E = number of unique edges.
     Works on numpy arrays or torch tensors (same type out as in).
+    Faces exactly as pytorch3d's SubdivideMeshes lays them out (so the official `faces_up` buffer is reproduced):
+    for each parent (a,b,c) with edge midpoints ab, bc, ca: first all [a,ab,ca], then all [b,bc,ab], then all
+    [c,ca,bc], then all [bc,ca,ab]; every child keeps the parent's orientation.
     """
     is_torch = isinstance(vertices, torch.Tensor)
     f = faces.cpu().numpy() if isinstance(faces, torch.Tensor) else np.asarray(faces)
@@ -33,8 +36,8 @@ def subdivide_midpoint(vertices: np.ndarray | torch.Tensor, faces: np.ndarray | 
     mid = n_v + inverse.reshape(3, n_f).T  # (F,3): midpoints of edges 01, 12, 20
     a, b, c = f[:, 0], f[:, 1], f[:, 2]
     ab, bc, ca = mid[:, 0], mid[:, 1], mid[:, 2]
-    new_faces = np.concatenate([np.stack([a, ab, ca], 1), np.stack([ab, b, bc], 1),
-                                np.stack([ca, bc, c], 1), np.stack([ab, bc, ca], 1)])
+    new_faces = np.concatenate([np.stack([a, ab, ca], 1), np.stack([b, bc, ab], 1),
+                                np.stack([c, ca, bc], 1), np.stack([bc, ca, ab], 1)])
 
     def extend(x):
         if isinstance(x, torch.Tensor):
@@ -71,6 +74,21 @@ class PointPrompts:
 
     def __len__(self) -> int:
         return int(self.v_template.shape[0])
+
+    @classmethod
+    def from_official_geometry(cls, geometry: dict[str, torch.Tensor], n_shape: int = 300) -> "PointPrompts":
+        """The official network's 21,675 query points from its FLAME geometry buffers (SPEC.md §5; from the
+        checkpoint or `engine.official_geometry.build_official_geometry`): `shapedirs_up` split into `n_shape`
+        shape and the remaining expression directions; J_regressor widened with zero columns for the new points."""
+        v = geometry["v_template_up"].float()
+        dirs = geometry["shapedirs_up"].float()
+        n_base = int(geometry["v_template"].shape[0])
+        base_reg = geometry["J_regressor"].float()
+        reg = torch.zeros((base_reg.shape[0], v.shape[0]), dtype=v.dtype)
+        reg[:, :n_base] = base_reg
+        return cls(v_template=v, shapedirs=dirs[..., :n_shape], exprdirs=dirs[..., n_shape:],
+                   lbs_weights=geometry["lbs_weights_up"].float(), faces=geometry["faces_up"].long(),
+                   n_base_vertices=n_base, J_regressor=reg)
 
     def canonical(self, shape: torch.Tensor) -> torch.Tensor:
         """(B,P,3) template plus shape offsets for shape (B,S); zero expression and pose."""

@@ -83,7 +83,13 @@ def _official_micro_file(path: Path, *, prefix: str = "", with_dino: bool = True
     state = {prefix + ours_to_official(k): v.clone() for k, v in model.state_dict().items()
              if with_dino or not k.startswith("encoder.backbone.")}
     state[prefix + "renderer.flame_model.posedirs"] = torch.zeros(36, 12)
-    state[prefix + "renderer.flame_model.v_template_up"] = torch.ones(64, 3)
+    # a complete (tiny) geometry set: with every buffer in the file no FLAME assets are needed
+    geometry = {"v_template": torch.zeros(16, 3), "shapedirs": torch.zeros(16, 3, 400),
+                "J_regressor": torch.zeros(5, 16), "parents": torch.tensor([-1, 0, 1, 1, 1]),
+                "lbs_weights": torch.zeros(16, 5), "faces_up": torch.zeros(96, 3, dtype=torch.long), "v_template_up": torch.ones(64, 3),
+                "lbs_weights_up": torch.zeros(64, 5), "shapedirs_up": torch.zeros(64, 3, 400)}
+    for key, value in geometry.items():
+        state[prefix + "renderer.flame_model." + key] = value
     save_file(state, str(path))
     return model.state_dict(), state
 
