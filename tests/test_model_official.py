@@ -147,7 +147,7 @@ def test_own_checkpoint_round_trip(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ckpt", model, metadata={"made_by": "test", "steps": 3})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.json", "model.safetensors"]
     loaded, meta = load_checkpoint(tmp_path / "ckpt")
-    assert meta == {"made_by": "test", "steps": 3}
+    assert meta == {"made_by": "test", "steps": 3, "config": model.cfg.to_dict()}  # the JSON is flat
     assert loaded.cfg == model.cfg
     images, points = torch.rand(1, 2, 3, 56, 56), torch.rand(9, 3) * 0.1
     with torch.inference_mode():

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.glob("*.safetensors")) and not args.resume:
         raise InputError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     init_distributed()
-    command = "fastavatar-stream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "fastavatar-stream " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     trainer = Trainer(cfg, out, command=command, resume=args.resume, progress=not args.no_progress)
     result = trainer.fit()
     if trainer.rank == 0:
