@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 # run as a script, this folder comes first on sys.path and benchmarks/engine.py would hide the engine package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from fastavatar_stream.report import json_safe  # noqa: E402
+
 DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "real" / "obama_address_512.mp4"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "replay.json"
 MB = 1024 * 1024
@@ -106,17 +108,6 @@ def drift(samples: list[tuple[float, float]], span: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- summaries
-def _finite(x):
-    """Strict JSON: NaN/inf become null, recursively."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def _r(x, nd: int = 4):
     return None if x is None or not math.isfinite(float(x)) else round(float(x), nd)
 
@@ -334,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse(raw)
     if args.child_out is not None:
-        args.child_out.write_text(json.dumps(_finite(run_mode(args.modes[0], args))))
+        args.child_out.write_text(json.dumps(json_safe(run_mode(args.modes[0], args))))
         return 0
     passthrough = _without(raw, {"--modes", "--child-out", "--out", "--work"}, flags={"--realtime"})
     load_start = os.getloadavg()
@@ -350,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "met": targets(results), "modes": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_finite(data), indent=1) + "\n")
+    args.out.write_text(json.dumps(json_safe(data), indent=1) + "\n")
     print(table(results))
     print(f"targets met: {data['met']}")
     print(f"load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f} (other work on the machine inflates "

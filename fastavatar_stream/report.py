@@ -10,14 +10,14 @@ from pathlib import Path
 from .queues import StageTimer, percentiles
 
 
-def _finite(x):
+def json_safe(x):
     """JSON has no NaN/inf: map them to None, recursively."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -97,7 +97,7 @@ class ReplayReport:
 
     # -- output -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return _finite(asdict(self))
+        return json_safe(asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
