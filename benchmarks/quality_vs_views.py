@@ -401,7 +401,7 @@ def write_markdown(path: Path, result: dict) -> None:
     meta = result["meta"]
     rows = [k for k in result if k not in ("meta", "pruning", "render_fps")]
     frames = sorted({n for r in rows for n in result[r]}, key=int)
-    md = [f"# Quality vs number of input views\n",
+    md = ["# Quality vs number of input views\n",
           f"Checkpoint `{meta['checkpoint']}` ({meta['model']}), {meta['identities']} test identities × "
           f"{len(SAMPLERS)} samplers, {meta['resolution']} px, {N_TARGETS} held-out target views each, seed "
           f"{meta['seed']}. PSNR dB / SSIM on the targets (hard-pruned avatars unless the row says otherwise). "

@@ -38,7 +38,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from fastavatar_stream.tracking import (BoxTracker, DlibDetector, FaceTracker, FitConfig, LandmarkFitter,
+    from fastavatar_stream.tracking import (BoxTracker, DlibDetector, FaceTracker, LandmarkFitter,
                                             LandmarkModel, TrackerConfig, View)
 
     if args.model == "head":

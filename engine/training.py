@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from engine import losses as L
 from engine.errors import InputError
 from engine.gaussians import GaussianSet
-from engine.samples import HeadSample, collate_samples
+from engine.samples import HeadSample
 
 log = logging.getLogger(__name__)
 

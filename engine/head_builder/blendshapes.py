@@ -170,7 +170,6 @@ def _lid_field(face: FaceReference, centre: np.ndarray, loop: list[int], lower_t
 def expression_fields(a: _Anchors, face: FaceReference, geo: HeadGeometry,
                       normals: Callable[[np.ndarray], np.ndarray]) -> list[tuple[str, Field]]:
     ex, ey, ez = np.eye(3)
-    mirror = np.array([-1.0, 1.0, 1.0])
     corner = a.mouth_corner
     eyes = ((geo.eye_centres[0], LEFT_EYE_LOOP), (geo.eye_centres[1], RIGHT_EYE_LOOP))
 

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from engine.errors import InputError
+from fastavatar_stream.commands._common import output_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         source = str(make_demo_clip(Path(tempfile.mkdtemp(prefix="fastavatar-demo-")) / "demo.mp4"))
     elif not Path(source).exists() and not str(source).startswith("device:"):
         raise InputError(f"{source} does not exist")
+    output_dir(args.out)
     refine = 0.0 if args.no_refine else (DEMO_REFINE_SECONDS if args.refine is None else args.refine)
     if refine < 0:
         raise InputError("--refine must be >= 0 seconds")

@@ -12,6 +12,7 @@ import re
 import time
 from pathlib import Path
 
+from fastavatar_stream.commands._common import output_dir
 from fastavatar_stream.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,7 @@ def _check(args) -> Path:
         raise UserError(f"--timeout {args.timeout} must be a positive number of seconds")
     if args.session is not None and not 0 < len(args.session) <= 128:
         raise UserError("--session must be 1..128 characters")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder; choose a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out folder {out}: {exc.strerror or exc}") from None
-    return out
+    return output_dir(args.out)
 
 
 def run(args) -> int:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fastavatar_stream.commands._common import output_dir
 from fastavatar_stream.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,7 @@ def _check(args) -> Path:
         raise UserError(f"--max-frames {args.max_frames} must be >= 1")
     if not Path(args.video).is_file():
         raise UserError(f"video file not found: {args.video}; check the path")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder; choose a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out folder {out}: {exc.strerror or exc}") from None
-    return out
+    return output_dir(args.out)
 
 
 def run(args) -> int:

@@ -314,7 +314,7 @@ class LandmarkFitter:
 
     def _prior_terms(self, s: _State, prev: _State | None, jacobian: bool):
         """Prior residuals (K,) and their Jacobian (K, 9+E)."""
-        cfg, E, n = self.config, self.n_expression, self.n_pose
+        cfg, n = self.config, self.n_pose
         aj = axis_angle(s.Rj)
         jaw_sig = np.asarray(cfg.jaw_sigma)
         rows = [s.psi / cfg.expression_sigma, aj / jaw_sig]
