@@ -41,6 +41,7 @@ def run_cpu_case(frames: int, pool: int, threads: int, repeats: int) -> dict:
     import torch
 
     from engine.model import TINY, build_model
+    from engine.model.point_guidance import N_POINT_FEATURES
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -48,13 +49,15 @@ def run_cpu_case(frames: int, pool: int, threads: int, repeats: int) -> dict:
     images = torch.rand(1, frames, 3, TINY.image_size, TINY.image_size)
     pool_images = torch.rand(1, pool, 3, TINY.image_size, TINY.image_size) if pool else None
     points = torch.randn(TINY.n_points, 3) * 0.08
+    n_base = min(frames, TINY.max_base_frames)
+    feats = torch.rand(1, n_base, TINY.n_points, N_POINT_FEATURES) if TINY.point_guidance else None
     base_rss = _rss_mb()
     times, cpu = [], []
     with torch.inference_mode():
-        model(images, points, pool_images=pool_images)  # warm-up
+        model(images, points, pool_images=pool_images, point_features=feats)  # warm-up
         for _ in range(repeats):
             start, start_cpu = time.perf_counter(), time.process_time()
-            model(images, points, pool_images=pool_images)
+            model(images, points, pool_images=pool_images, point_features=feats)
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -62,6 +62,7 @@ class PointPrompts:
     faces:            (F,3)   long, triangles over the points (empty after `subset`)
     n_base_vertices:  how many leading points are the head model's own vertices
     J_regressor:      (5,P)   joint regressor (the head's, zero on new points); None after `subset`
+    normals:          (P,3)   unit vertex normals of the rest mesh (area-weighted), or None when unknown
     """
 
     v_template: torch.Tensor
@@ -71,6 +72,7 @@ class PointPrompts:
     faces: torch.Tensor
     n_base_vertices: int
     J_regressor: torch.Tensor | None = None
+    normals: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.v_template.shape[0])
@@ -86,9 +88,10 @@ class PointPrompts:
         base_reg = geometry["J_regressor"].float()
         reg = torch.zeros((base_reg.shape[0], v.shape[0]), dtype=v.dtype)
         reg[:, :n_base] = base_reg
+        faces = geometry["faces_up"].long()
         return cls(v_template=v, shapedirs=dirs[..., :n_shape], exprdirs=dirs[..., n_shape:],
-                   lbs_weights=geometry["lbs_weights_up"].float(), faces=geometry["faces_up"].long(),
-                   n_base_vertices=n_base, J_regressor=reg)
+                   lbs_weights=geometry["lbs_weights_up"].float(), faces=faces,
+                   n_base_vertices=n_base, J_regressor=reg, normals=vertex_normals(v, faces))
 
     def canonical(self, shape: torch.Tensor) -> torch.Tensor:
         """(B,P,3) template plus shape offsets for shape (B,S); zero expression and pose."""
@@ -107,12 +110,13 @@ class PointPrompts:
                             exprdirs=self.exprdirs[idx], lbs_weights=self.lbs_weights[idx],
                             faces=torch.zeros((0, 3), dtype=torch.long),
                             n_base_vertices=int((idx < self.n_base_vertices).sum()),
-                            J_regressor=None)
+                            J_regressor=None, normals=None if self.normals is None else self.normals[idx])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PointPrompts":
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return PointPrompts(move(self.v_template), move(self.shapedirs), move(self.exprdirs), move(self.lbs_weights),
-                            self.faces.to(device=device), self.n_base_vertices, move(self.J_regressor))
+                            self.faces.to(device=device), self.n_base_vertices, move(self.J_regressor),
+                            move(self.normals))
 
 
 def build_point_prompts(head, levels: int = 1) -> PointPrompts:
@@ -130,4 +134,17 @@ def build_point_prompts(head, levels: int = 1) -> PointPrompts:
         reg[:, :n_base] = f.J_regressor
     return PointPrompts(v_template=verts, shapedirs=attrs["shapedirs"], exprdirs=attrs["exprdirs"],
                         lbs_weights=attrs["lbs_weights"], faces=faces.long(), n_base_vertices=n_base,
-                        J_regressor=reg)
+                        J_regressor=reg, normals=vertex_normals(verts, faces.long()))
+
+
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """(V,3) unit area-weighted vertex normals of a triangle mesh (V,3), (F,3); zero-area vertices get +z."""
+    v = vertices.float()
+    f = faces.long()
+    face_n = torch.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]], dim=-1)
+    normals = torch.zeros_like(v)
+    for k in range(3):
+        normals.index_add_(0, f[:, k], face_n)
+    lengths = normals.norm(dim=-1, keepdim=True)
+    fallback = torch.tensor([0.0, 0.0, 1.0], dtype=v.dtype, device=v.device).expand_as(v)
+    return torch.where(lengths > 1e-12, normals / lengths.clamp_min(1e-12), fallback)

@@ -65,16 +65,19 @@ def decode_slots(output: GaussianHeadOutput, batch_index: int = 0) -> list[dict[
 
 @torch.inference_mode()
 def reconstruct(model: LGRT, frames: torch.Tensor, points: torch.Tensor, pool: torch.Tensor | None = None,
-                guidance: dict[str, torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+                guidance: dict[str, torch.Tensor] | None = None,
+                point_features: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
     """Per-slot Gaussians for one window (batch of one).
 
     frames: (N,3,H,W) RGB in [0,1], N >= 1 (unordered; frames 16.. are pooled); points: (P,3) canonical
-    prompts; pool: (F,3,H,W) extra frames for FramePack or None; guidance: per-frame tensors with a leading N.
+    prompts; pool: (F,3,H,W) extra frames for FramePack or None; guidance: per-frame tensors with a leading N;
+    point_features: (N,P,F) projected point features (models with point guidance; engine.prompt_views).
     Returns min(N,16)+1 slot dicts (see `decode_slots`), on the model's device, float32.
     """
     device = next(model.parameters()).device
     frames = frames.to(device)[None]
     pool_b = None if pool is None or pool.shape[0] == 0 else pool.to(device)[None]
     guid = None if guidance is None else {k: v.to(device)[None] for k, v in guidance.items()}
-    output = model(frames, points.to(device), pool_images=pool_b, guidance=guid)
+    feats = None if point_features is None else point_features.to(device)[None]
+    output = model(frames, points.to(device), pool_images=pool_b, guidance=guid, point_features=feats)
     return decode_slots(output)

@@ -1,4 +1,8 @@
-"""Behaviour of the CPU-sized LGRT: slot layout, frame order, FramePack pool, guidance, limits, pruning."""
+"""Behaviour of the CPU-sized LGRT: slot layout, frame order, FramePack pool, guidance, limits, pruning.
+
+The official network's behaviour is checked on `tiny` without its point guidance (that option has its own tests
+in test_point_guidance.py), so these tests say what the released architecture does at a CPU size.
+"""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +12,13 @@ from engine.model import TINY, build_model
 from engine.reconstruct import decode_slots, prune_mask, reconstruct
 
 SIDE = TINY.image_size
+PLAIN = TINY.replace(name="tiny-plain", point_guidance=False)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return build_model("tiny").eval()
+    return build_model(PLAIN).eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def test_base_frame_order_matters_only_through_the_frame_index_embedding(frames,
     slots and leaves the compressed slot (the same set of frames) unchanged, so the fused avatar is the same.
     """
     torch.manual_seed(0)
-    model = build_model("tiny").eval()
+    model = build_model(PLAIN).eval()
     perm = torch.tensor([2, 0, 3, 1])
     x = frames[:, :4]
     with torch.inference_mode():
@@ -74,7 +79,7 @@ def test_base_frame_order_matters_only_through_the_frame_index_embedding(frames,
 
 def test_frames_past_the_base_limit_and_pool_frames_both_feed_framepack(tiny, frames, points) -> None:
     """Official rule with the base limit lowered from 16 to 4 to keep the test fast (same code path)."""
-    model = build_model(TINY.replace(max_base_frames=4)).eval()
+    model = build_model(PLAIN.replace(max_base_frames=4)).eval()
     model.load_state_dict(tiny.state_dict())
     with torch.inference_mode():
         long = model(frames[:, :7], points)                           # 7 frames: 4 base + 3 packed
@@ -104,7 +109,7 @@ def _guidance(n: int, scale: float) -> dict[str, torch.Tensor]:
 
 def test_guidance_token_conditions_the_output(frames, points) -> None:
     torch.manual_seed(0)
-    model = build_model(TINY.replace(name="tiny-guided", guidance=True)).eval()
+    model = build_model(PLAIN.replace(name="tiny-guided", guidance=True)).eval()
     x = frames[:, :3]
     with torch.inference_mode():
         a = model(x, points, guidance=_guidance(3, 1.0))
@@ -145,7 +150,7 @@ def test_decode_slots_follows_slot_order(tiny, frames, points) -> None:
 @pytest.mark.gpu
 def test_cuda_bf16_autocast_matches_cpu_float32(frames, points) -> None:
     torch.manual_seed(0)
-    model = build_model("tiny").eval()
+    model = build_model(PLAIN).eval()
     with torch.inference_mode():
         ref = model(frames[:, :4], points)
         gpu = model.cuda()(frames[:, :4].cuda(), points.cuda())

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from engine.checkpoints import GEOMETRY_KEYS, load_official, ours_to_official
 from engine.errors import InputError
 from engine.gaussians import GaussianSet
-from engine.model import MICRO, build_model
+from engine.model import MICRO as _MICRO
+from engine.model import build_model
 from engine.official_geometry import (GEOMETRY_NAMES, LIP_RING_LOWER, LIP_RING_UPPER, TEETH_BLOCKS, TEETH_FACES_LOWER,
                                       TEETH_FACES_UPPER, OfficialRig, build_official_geometry, read_flame, read_obj)
 from engine.prompts import PointPrompts, subdivide_midpoint
@@ -28,6 +29,9 @@ from engine.types import FlameParams
 
 N_FLAME, N_TEETH, N_ORAL = 5023, 120, 321
 N_ALL = N_FLAME + N_TEETH + N_ORAL
+
+#: the official network has no point guidance, so official-format files are written by this micro variant
+MICRO = _MICRO.replace(point_guidance=False)
 
 
 def _strip_plus_random(n_vertices: int, n_faces: int, rng: np.random.Generator) -> np.ndarray:

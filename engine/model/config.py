@@ -26,6 +26,9 @@ class ModelConfig:
     Guidance (paper eq. 2, off in `official`): one token per base frame from an MLP over the camera pose
     (`guidance_camera_dim` numbers: world-to-camera rotation rows + translation), FLAME expression
     (`guidance_expr_dim`) and head pose (`guidance_pose_dim`: global, neck, jaw, eyes axis-angles).
+    Point guidance (ours, off in `official`/`paper`): every point token of base slot n also gets an embedding of
+    what frame n shows of that point (colour under its projection, position, facing; see
+    `engine.model.point_guidance`).
     """
 
     name: str = "custom"
@@ -62,6 +65,8 @@ class ModelConfig:
     guidance_camera_dim: int = 12
     guidance_expr_dim: int = 100
     guidance_pose_dim: int = 15
+    # projected point-prompt guidance (engine.model.point_guidance; ours, off in official/paper)
+    point_guidance: bool = False
     # inference knobs (no effect on the weights)
     encode_chunk: int = 16
 
@@ -120,18 +125,20 @@ PAPER = OFFICIAL.replace(name="paper", guidance=True)
 #: * transformer: dim 128, 2 heads (head dim 64 as official, so the RoPE frequencies are the official
 #:   ones), 2 global+frame pairs, MLP ratio 4;
 #: * FramePack level 4: 12x12 grid -> 3x3 = 9 tokens per pooled frame (level 8 would leave only 2x2);
-#: * Gaussian-head MLP 64 wide (the official head is 1024 -> 512; here 128 -> 64).
+#: * Gaussian-head MLP 64 wide (the official head is 1024 -> 512; here 128 -> 64);
+#: * projected point-prompt guidance on: without it a model this small, trained on a CPU, never learned where its
+#:   query points land in a frame, so its avatars did not improve with more frames (benchmarks/RESULTS.md).
 TINY = ModelConfig(
     name="tiny", image_size=168, enc_dim=128, enc_depth=4, enc_heads=2, enc_pos_grid=12,
     enc_layers=(0, 1, 2, 3), enc_frozen=False, dim=128, heads=2, layers=2, framepack_level=4,
-    n_points=1024, gs_hidden=64, guidance_expr_dim=50,
+    n_points=1024, gs_hidden=64, guidance_expr_dim=50, point_guidance=True,
 )
 
-#: Even smaller, for unit tests of plumbing (not for quality).
+#: Even smaller, for unit tests of plumbing (not for quality); point guidance on like `tiny`.
 MICRO = ModelConfig(
     name="micro", image_size=56, enc_dim=64, enc_depth=2, enc_heads=1, enc_pos_grid=4,
     enc_layers=(0, 1, 1, 1), enc_frozen=False, dim=64, heads=1, layers=1, framepack_level=2,
-    n_points=64, gs_hidden=32, guidance_expr_dim=10,
+    n_points=64, gs_hidden=32, guidance_expr_dim=10, point_guidance=True,
 )
 
 CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (OFFICIAL, PAPER, TINY, MICRO)}

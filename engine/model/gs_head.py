@@ -82,12 +82,17 @@ class GaussianHead(nn.Module):
         self.mlp_net = GaussianMLP(dim, hidden)
         self.gs_net = GaussianLayers(dim)
 
-    def forward(self, latents: torch.Tensor, points: torch.Tensor) -> GaussianHeadOutput:
+    def forward(self, latents: torch.Tensor, points: torch.Tensor,
+                colour_logits: torch.Tensor | None = None) -> GaussianHeadOutput:
+        """`colour_logits` (…, 3), optional, is added to the colour logits (point guidance's colour skip)."""
         hidden = self.mlp_net(latents)
-        return self.activate(hidden, points)
+        return self.activate(hidden, points, colour_logits)
 
-    def activate(self, hidden: torch.Tensor, points: torch.Tensor) -> GaussianHeadOutput:
+    def activate(self, hidden: torch.Tensor, points: torch.Tensor,
+                 colour_logits: torch.Tensor | None = None) -> GaussianHeadOutput:
         raw = {name: layer(hidden).float() for name, layer in self.gs_net.out_layers.items()}
+        if colour_logits is not None:
+            raw["shs"] = raw["shs"] + colour_logits.float()
         offset = (torch.sigmoid(raw["xyz"]) - 0.5) * self.offset_step
         return GaussianHeadOutput(
             xyz=points.float() + offset,

@@ -17,13 +17,15 @@ from engine.model.encoder import ImageEncoder
 from engine.model.framepack import FramePack, compressed_grid, compressed_positions
 from engine.model.gs_head import GaussianHead, GaussianHeadOutput
 from engine.model.guidance import GuidanceEncoder
+from engine.model.point_guidance import PointGuidance, colour_prior_logits
 from engine.model.point_embed import PointEmbed
 from engine.model.transformer import AlternatingTransformer, grid_positions
 
 
 class LGRT(nn.Module):
     """The network. Submodules: `encoder` (`backbone` + `fusion`), `framepack`, `point_embed`, `transformer`,
-    `gs_head`, and `guidance` when `cfg.guidance`. `engine.checkpoints` maps the official names onto these.
+    `gs_head`, `guidance` when `cfg.guidance`, `point_guidance` when `cfg.point_guidance`. `engine.checkpoints`
+    maps the official names onto these.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -38,6 +40,7 @@ class LGRT(nn.Module):
         self.gs_head = GaussianHead(cfg.dim, cfg.gs_hidden, cfg.offset_step, cfg.scale_clip)
         self.guidance = (GuidanceEncoder(cfg.dim, cfg.guidance_camera_dim, cfg.guidance_expr_dim,
                                          cfg.guidance_pose_dim) if cfg.guidance else None)
+        self.point_guidance = PointGuidance(cfg.dim) if cfg.point_guidance else None
 
     # ---------------------------------------------------------------------------------------------- parts
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -52,20 +55,30 @@ class LGRT(nn.Module):
         return tokens.reshape(b, f, *tokens.shape[1:]), grid
 
     def transform(self, base: torch.Tensor, grid: tuple[int, int], pack_input: torch.Tensor,
-                  points: torch.Tensor, guidance_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                  points: torch.Tensor, guidance_tokens: torch.Tensor | None = None,
+                  point_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token-level forward (used by the golden parity check too).
 
-        base (B,N,T,C) base-frame tokens, pack_input (B,Fc,T,C) frames for FramePack, points (B,P,3)
-        -> (B, N+1, P, C) latents.
+        base (B,N,T,C) base-frame tokens, pack_input (B,Fc,T,C) frames for FramePack, points (B,P,3),
+        point_features (B,N,P,F) when the model has point guidance -> (B, N+1, P, C) latents.
         """
         fc = pack_input.shape[1]
         self.check_frame_count(base.shape[1], fc)
         compressed = self.framepack(pack_input, grid)
         point_tokens = self.point_embed(points)
+        offsets = None
+        if self.point_guidance is not None:
+            if point_features is None or point_features.shape[:3] != (*base.shape[:2], points.shape[1]):
+                got = None if point_features is None else tuple(point_features.shape)
+                raise ValueError(f"this model takes point guidance: pass point_features (B,N,P,F) for the "
+                                 f"{base.shape[1]} base frames and {points.shape[1]} points (got {got}); "
+                                 "see engine.prompt_views.point_features")
+            offsets = self.point_guidance(point_features)
         device = base.device
         return self.transformer(
             base, grid_positions(grid, device), compressed, fc,
-            compressed_positions(grid, self.cfg.framepack_level, fc, device), point_tokens, guidance_tokens)
+            compressed_positions(grid, self.cfg.framepack_level, fc, device), point_tokens, guidance_tokens,
+            offsets)
 
     def check_frame_count(self, n_base: int, n_packed: int) -> None:
         if n_base + n_packed > self.cfg.max_frame_index:
@@ -79,13 +92,16 @@ class LGRT(nn.Module):
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, points: torch.Tensor, pool_images: torch.Tensor | None = None,
-                guidance: dict[str, torch.Tensor] | None = None) -> GaussianHeadOutput:
+                guidance: dict[str, torch.Tensor] | None = None,
+                point_features: torch.Tensor | None = None) -> GaussianHeadOutput:
         """Per-slot Gaussians for one window.
 
         images:      (B,N,3,H,W) RGB in [0,1], N >= 1; frames 0..15 are base slots, frames 16.. go to FramePack
         points:      (B,P,3) or (P,3) canonical query points
         pool_images: (B,F,3,H,W) extra frames for FramePack, or None
         guidance:    per-base-frame dict (see GuidanceEncoder); required when cfg.guidance, ignored otherwise
+        point_features: (B,N',P,F) projected point features of the frames (N' >= base frames; the first min(N,16)
+                     are used); required when cfg.point_guidance, ignored otherwise
         returns      GaussianHeadOutput with (B, S, P, k) fields, S = min(N,16) + 1 (compressed slot last)
         Runs under bf16 autocast on CUDA; the Gaussian head always runs in float32.
         Frame order: everything is permutation-equivariant over base frames except the official sin/cos
@@ -116,10 +132,17 @@ class LGRT(nn.Module):
             if n_pool:
                 packed.append(self.encode(pool_images)[0])
             pack_input = torch.cat(packed, dim=1) if packed else tokens
-            latents = self.transform(tokens[:, :n_base], grid, pack_input, points, guidance_tokens)
+            feats = None
+            if self.point_guidance is not None and point_features is not None:  # (checked in transform)
+                feats = point_features[:, :n_base]
+            latents = self.transform(tokens[:, :n_base], grid, pack_input, points, guidance_tokens, feats)
         s = latents.shape[1]
         slot_points = points[:, None].expand(b, s, -1, -1)
-        return self.gs_head(latents.float(), slot_points.float())
+        colour = None
+        if feats is not None:  # the colour skip for base slots; the compressed slot gets none (logit 0)
+            colour = colour_prior_logits(feats.float())
+            colour = torch.cat([colour, colour.new_zeros(b, s - colour.shape[1], *colour.shape[2:])], dim=1)
+        return self.gs_head(latents.float(), slot_points.float(), colour)
 
 
 def build_model(name: str | ModelConfig, *, device: torch.device | str | None = None) -> LGRT:

@@ -56,7 +56,7 @@ class AlternatingTransformer(nn.Module):
 
     def forward(self, base: torch.Tensor, base_positions: torch.Tensor, compressed: torch.Tensor,
                 n_compressed_frames: int, compressed_positions: torch.Tensor, points: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, point_offsets: torch.Tensor | None = None) -> torch.Tensor:
         """Run all layer pairs.
 
         base:                 (B, N, T, C) encoder tokens of the N base frames
@@ -65,6 +65,7 @@ class AlternatingTransformer(nn.Module):
         compressed_positions: (Fc*t, 2)
         points:               (B, P, C) embedded query points (same for every slot)
         guidance:             (B, N, G, C) extra per-frame tokens appended to each base frame (RoPE position 0)
+        point_offsets:        (B, N, P, C) added to base slot n's copy of the point tokens (point guidance)
         returns               (B, N+1, P, C) normed point latents, base slots then the compressed slot
         """
         b, n, t, c = base.shape
@@ -84,7 +85,10 @@ class AlternatingTransformer(nn.Module):
         tb = base.shape[2]
         positions = torch.cat([base_positions.repeat(n, 1), compressed_positions.to(base_positions)])
 
-        x_base = points[:, None].expand(b, n, p, c).reshape(b * n, p, c)
+        x_base = points[:, None].expand(b, n, p, c)
+        if point_offsets is not None:
+            x_base = x_base + point_offsets.to(x_base.dtype)
+        x_base = x_base.reshape(b * n, p, c)
         x_comp = points
         c_base = base.reshape(b * n, tb, c)
         c_comp = comp
