@@ -132,25 +132,48 @@ class AvatarModel:
             beta[0, : shape.numel()] = shape
         return self.prompts.canonical(beta)[0]
 
+    def point_features(self, images: torch.Tensor, cameras, params) -> torch.Tensor:
+        """(N,P,F) projected point-prompt features of N frames (what the network's point guidance takes):
+        images (N,3,S,S) in [0,1], Cameras with intrinsics in pixels of S, FlameParams with N rows."""
+        from engine.prompt_views import point_features
+
+        return point_features(self.prompts, self.head, params, cameras, images)
+
     @torch.inference_mode()
     def window_gaussians(self, images: torch.Tensor, frame_ids: list[int], shape: torch.Tensor | None = None,
-                         pool: torch.Tensor | None = None, guidance: dict | None = None) -> list[GaussianSet]:
+                         pool: torch.Tensor | None = None, guidance: dict | None = None,
+                         point_features: torch.Tensor | None = None,
+                         fusion: str = "visibility") -> list[GaussianSet]:
         """One window -> one GaussianSet per base frame (tagged with its frame id) + the FramePack slot.
 
-        images (N,3,S,S) in [0,1] with N <= 16 base frames; pool (F,3,S,S) or None.
+        images (N,3,S,S) in [0,1] with N <= 16 base frames; pool (F,3,S,S) or None; point_features (N,P,F) from
+        `point_features` (required when the network has point guidance or `fusion` is "visibility").
+        fusion "visibility": every set carries `seen` (engine.fusion.view_weights; the FramePack slot UNSEEN), so
+        the fused avatar weighs each anchor's copies by how squarely their frames saw it; "concat": no weights.
         """
+        from engine.fusion import UNSEEN, view_weights
         from engine.reconstruct import reconstruct
 
         if images.shape[0] != len(frame_ids):
             raise ValueError(f"{images.shape[0]} images but {len(frame_ids)} frame ids")
+        if fusion not in ("visibility", "concat"):
+            raise ValueError(f"unknown fusion {fusion!r}; use 'visibility' or 'concat'")
+        if fusion == "visibility" and point_features is None:
+            raise ValueError("visibility fusion needs the window's point features (AvatarModel.point_features)")
         points = self.canonical_points(shape).to(self.device)
-        slots = reconstruct(self.network, images, points, pool, guidance)
+        net_features = point_features if self.network.cfg.point_guidance else None
+        slots = reconstruct(self.network, images, points, pool, guidance, net_features)
         anchors = torch.arange(points.shape[0])
+        seen = view_weights(point_features.cpu()) if fusion == "visibility" else None
         sets = []
         for i, slot in enumerate(slots):
-            frame = frame_ids[i] if i < len(slots) - 1 else POOL_FRAME
+            base = i < len(slots) - 1
+            frame = frame_ids[i] if base else POOL_FRAME
+            slot_seen = None
+            if seen is not None:
+                slot_seen = seen[i] if base else torch.full((len(anchors),), UNSEEN)
             sets.append(GaussianSet.from_activated(
                 anchor=anchors, offset=slot["offset"].cpu(), rotation=slot["rotation"].cpu(),
                 scale=slot["scale"].cpu(), opacity=slot["opacity"].cpu(), color=slot["rgb"].cpu(),
-                importance=slot["importance"].cpu(), frame=frame))
+                importance=slot["importance"].cpu(), frame=frame, seen=slot_seen))
         return sets

@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # imported for annotations only: engine.head/prompts import t
     from engine.prompts import PointPrompts
 
 MIN_SCALE = 1e-9
+#: a copy of an anchor is pruned once another frame saw that anchor at least twice as well (relative `seen` < 0.5):
+#: on held-out heads this keeps ~48 % of a 16-frame avatar's Gaussians and gains ~0.2 dB (benchmarks/RESULTS.md)
+PRUNE_RELATIVE_SEEN = 0.5
 
 
 @dataclass
@@ -36,6 +39,11 @@ class GaussianSet:
     frame:         (M,)   long, id of the source frame that produced the Gaussian (-1: FramePack slot)
     uid:           (M,)   long stable identity handed out by the session's fuser (None until fused); it keeps a
                    Gaussian's slot in published avatars across versions
+    seen:          (M,)   how squarely the source frame saw the anchor, in (0, 1] (`engine.fusion.view_weights`), or
+                   None. With it the set is a visibility-weighted fusion: the copies of one anchor share that
+                   anchor's coverage in proportion to `seen` (`fusion_share`): a copy of opacity o shows
+                   1 - (1 - o) ** share, so k copies of opacity o together cover what one copy covers, and the
+                   frames that saw a region best decide how it looks (a set of one frame is unchanged)
     """
 
     anchor: torch.Tensor
@@ -47,6 +55,7 @@ class GaussianSet:
     importance: torch.Tensor
     frame: torch.Tensor
     uid: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.anchor.shape[0])
@@ -59,13 +68,14 @@ class GaussianSet:
     def empty(cls, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "GaussianSet":
         f = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         i = lambda: torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
-        return cls(i(), f(0, 3), f(0, 4), f(0, 3), f(0), f(0, 3), f(0), i(), i())
+        return cls(i(), f(0, 3), f(0, 4), f(0, 3), f(0), f(0, 3), f(0), i(), i(), f(0))
 
     @classmethod
     def from_activated(cls, *, anchor: torch.Tensor, offset: torch.Tensor, rotation: torch.Tensor,
                        scale: torch.Tensor, opacity: torch.Tensor, color: torch.Tensor,
-                       importance: torch.Tensor, frame: int | torch.Tensor) -> "GaussianSet":
-        """Wrap a Gaussian head's activated outputs (linear scales, opacities in [0,1])."""
+                       importance: torch.Tensor, frame: int | torch.Tensor,
+                       seen: torch.Tensor | None = None) -> "GaussianSet":
+        """Wrap a Gaussian head's activated outputs (linear scales, opacities in [0,1]); `seen` (M,) optional."""
         m = anchor.shape[0]
         frame_t = frame if torch.is_tensor(frame) else torch.full((m,), int(frame), dtype=torch.long,
                                                                  device=anchor.device)
@@ -73,7 +83,8 @@ class GaussianSet:
         opacity = opacity.reshape(m).clamp(eps, 1 - eps)
         return cls(anchor=anchor.long(), offset=offset, rotation=torch.nn.functional.normalize(rotation, dim=-1),
                    log_scale=scale.clamp_min(MIN_SCALE).log(), opacity_logit=torch.logit(opacity),
-                   color=color.reshape(m, 3), importance=importance.reshape(m), frame=frame_t.long())
+                   color=color.reshape(m, 3), importance=importance.reshape(m), frame=frame_t.long(),
+                   seen=None if seen is None else seen.reshape(m).to(opacity.dtype))
 
     # -- set operations -------------------------------------------------------------------------------------
     def _map(self, fn) -> "GaussianSet":
@@ -95,15 +106,25 @@ class GaussianSet:
             out[f.name] = None if any(p is None for p in parts) else torch.cat(parts)
         return GaussianSet(**out)
 
-    def prune(self, threshold: float = 0.0, budget: int | None = None) -> "GaussianSet":
-        """Keep Gaussians with importance logit > threshold, then at most `budget` of them by importance.
+    def keep_logit(self) -> torch.Tensor:
+        """(M,) the logit pruning ranks by: the importance, capped by log(relative_seen / PRUNE_RELATIVE_SEEN) when
+        the set carries `seen` (a copy of an anchor that another frame saw at least twice as well adds little and
+        goes; among the rest, the worst-seen copies go first when a budget bites)."""
+        if self.seen is None:
+            return self.importance
+        by_view = torch.log(self.relative_seen().clamp_min(1e-12) / PRUNE_RELATIVE_SEEN)
+        return torch.minimum(self.importance, by_view)
 
-        Deterministic: ties in importance are broken by position in the set (earlier wins), and the kept
-        Gaussians keep their relative order.
+    def prune(self, threshold: float = 0.0, budget: int | None = None) -> "GaussianSet":
+        """Keep Gaussians with `keep_logit` > threshold, then at most `budget` of them by that logit.
+
+        Deterministic: ties are broken by position in the set (earlier wins), and the kept Gaussians keep their
+        relative order. Without `seen` the logit is the importance itself.
         """
-        keep = torch.nonzero(self.importance > threshold).squeeze(1)
+        logit = self.keep_logit()
+        keep = torch.nonzero(logit > threshold).squeeze(1)
         if budget is not None and keep.numel() > budget:
-            order = torch.argsort(self.importance[keep], descending=True, stable=True)[:budget]
+            order = torch.argsort(logit[keep], descending=True, stable=True)[:budget]
             keep = torch.sort(keep[order]).values
         return self.select(keep)
 
@@ -122,9 +143,32 @@ class GaussianSet:
     def scales(self) -> torch.Tensor:
         return self.log_scale.exp()
 
+    def _per_anchor(self, reduce: str) -> torch.Tensor:
+        """`seen` reduced ("sum" or "amax") over the Gaussians of each one's anchor, (M,)."""
+        n_anchors = int(self.anchor.max()) + 1
+        out = torch.zeros(n_anchors, dtype=self.seen.dtype, device=self.seen.device)
+        out = out.scatter_reduce(0, self.anchor, self.seen, reduce=reduce, include_self=True)
+        return out[self.anchor].clamp_min(torch.finfo(self.seen.dtype).tiny)
+
+    def fusion_share(self) -> torch.Tensor:
+        """(M,) in (0, 1]: `seen` over the sum of `seen` of the Gaussians of the same anchor (ones without seen)."""
+        if self.seen is None or len(self) == 0:
+            return torch.ones_like(self.opacity_logit)
+        return self.seen / self._per_anchor("sum")
+
+    def relative_seen(self) -> torch.Tensor:
+        """(M,) in (0, 1]: `seen` over the largest `seen` among the Gaussians of the same anchor (ones without seen)."""
+        if self.seen is None or len(self) == 0:
+            return torch.ones_like(self.opacity_logit)
+        return self.seen / self._per_anchor("amax")
+
     @property
     def opacities(self) -> torch.Tensor:
-        return torch.sigmoid(self.opacity_logit)
+        """Activated opacities; with `seen`, 1 - (1 - opacity) ** fusion_share (see the class docstring)."""
+        if self.seen is None:
+            return torch.sigmoid(self.opacity_logit)
+        # log(1 - sigmoid(x)) = -softplus(x), stable for opacities near 1
+        return -torch.expm1(-self.fusion_share() * torch.nn.functional.softplus(self.opacity_logit))
 
     # -- animation ------------------------------------------------------------------------------------------
     def to_world(self, prompts: "PointPrompts", head: "HeadModel", params: FlameParams,

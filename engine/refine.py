@@ -72,7 +72,8 @@ class RefineSession:
     def _reset(self, gaussians: GaussianSet) -> None:
         g = gaussians.detach()
         eps = 1e-4
-        self._fixed = {"anchor": g.anchor, "importance": g.importance, "frame": g.frame, "uid": g.uid}
+        self._fixed = {"anchor": g.anchor, "importance": g.importance, "frame": g.frame, "uid": g.uid,
+                       "seen": g.seen}
         self.params = {
             "offset": g.offset.clone().requires_grad_(True),
             "rotation": g.rotation.clone().requires_grad_(True),
@@ -98,7 +99,8 @@ class RefineSession:
         g = GaussianSet(anchor=self._fixed["anchor"], offset=p["offset"],
                         rotation=torch.nn.functional.normalize(p["rotation"], dim=-1), log_scale=p["log_scale"],
                         opacity_logit=p["opacity_logit"], color=torch.sigmoid(p["color_logit"]),
-                        importance=self._fixed["importance"], frame=self._fixed["frame"], uid=self._fixed["uid"])
+                        importance=self._fixed["importance"], frame=self._fixed["frame"], uid=self._fixed["uid"],
+                        seen=self._fixed["seen"])
         return g.detach() if detach else g
 
     def render_frames(self, frames: RefineFrames, index: torch.Tensor, gaussians: GaussianSet | None = None

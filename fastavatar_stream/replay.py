@@ -39,6 +39,7 @@ class ReplayOptions:
     fov_degrees: float = 40.0
     progress: bool = True
     linger_s: float = 0.0
+    fusion: str = "visibility"
 
 
 async def run_replay(opts: ReplayOptions) -> dict:
@@ -48,7 +49,7 @@ async def run_replay(opts: ReplayOptions) -> dict:
     source = open_source(opts.source, realtime=opts.realtime)
     options = SessionOptions(live=opts.realtime, budget=opts.budget, holdout=opts.holdout,
                              refine_seconds=opts.refine_seconds, max_frames=opts.max_frames,
-                             detector=opts.detector, fov_degrees=opts.fov_degrees)
+                             detector=opts.detector, fov_degrees=opts.fov_degrees, fusion=opts.fusion)
     daemon = Daemon(DaemonConfig(weights=opts.weights, publish=opts.publish, control=opts.control))
     await daemon.start()
     try:

@@ -33,6 +33,8 @@ class SessionOptions:
     budget: most Gaussians the avatar keeps. holdout: every K-th frame is kept out of reconstruction and
     refinement for evaluation (0: none). refine_seconds: total refinement time for this session (0: off).
     max_frames: stop after this many source frames (None: the whole stream).
+    fusion: "visibility" (each copy of an anchor weighs by how squarely its frame saw it) or "concat" (the paper's
+      plain concatenation, every copy at its predicted opacity).
     refine_burst_seconds: length of one refinement burst on the engine worker (a ready window waits at most
       about this long, usually one optimiser step). max_timings: window/burst timing records kept.
     """
@@ -44,6 +46,7 @@ class SessionOptions:
     refine_burst_seconds: float = 0.25
     refine_frames: int = 24
     max_frames: int | None = None
+    fusion: str = "visibility"
     detector: str = "auto"
     fov_degrees: float = 40.0
     max_ready_windows: int = 2

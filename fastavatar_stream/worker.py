@@ -195,14 +195,28 @@ class EngineWorker(threading.Thread):
                     if window.pool else None)
             shape = torch.from_numpy(np.asarray(window.frames[-1].flame.shape, np.float32))
             guidance = self._guidance(window.frames) if model.network.cfg.guidance else None
+            weighted = session.options.fusion == "visibility"
+            features = (self._point_features(session, window.frames, images)
+                        if model.network.cfg.point_guidance or weighted else None)
         with session.timer.time("engine"):
-            sets = model.window_gaussians(images, [f.index for f in window.frames], shape, pool, guidance)
+            sets = model.window_gaussians(images, [f.index for f in window.frames], shape, pool, guidance, features,
+                                          fusion=session.options.fusion)
         with session.timer.time("fuse"):
             version = session.fuser.add_window(sets, shape)
         session.keep_for_refinement(window)
         session.windows_done += 1
         session.refine_dirty = True
         return version
+
+    def _point_features(self, session: Session, frames: list[TrackedFrame], images: torch.Tensor) -> torch.Tensor:
+        """What each window frame's crop shows of each point prompt, from its tracked FLAME fit and crop camera."""
+        prompts = self.model.prompts
+        size = images.shape[-1]
+        cams = Cameras(torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames]),
+                       torch.stack([torch.from_numpy(np.asarray(session.prepared(f).K, np.float32)) for f in frames]),
+                       size, size)
+        params = flame_params([f.flame for f in frames], prompts.shapedirs.shape[-1], prompts.exprdirs.shape[-1])
+        return self.model.point_features(images.float(), cams, params)
 
     def _guidance(self, frames: list[TrackedFrame]) -> dict[str, torch.Tensor]:
         cfg = self.model.network.cfg

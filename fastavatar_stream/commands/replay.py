@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help=f"per-session refinement time budget (default: {DEMO_REFINE_SECONDS:g} s)")
     refine.add_argument("--no-refine", action="store_true", help="feed-forward avatar only")
     p.add_argument("--budget", type=int, default=60_000, help="most Gaussians the avatar keeps (default 60000)")
+    p.add_argument("--fusion", choices=["visibility", "concat"], default="visibility",
+                   help="how per-frame Gaussians combine: visibility (each anchor's copies weighted by how squarely "
+                        "their frames saw it; default) or concat (the paper's plain concatenation)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     p.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"],
                    help="landmark backend (auto: face-alignment when its weights are present, else dlib)")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                          publish=args.publish, control=args.control, holdout=args.holdout, refine_seconds=refine,
                          budget=args.budget, max_frames=args.max_frames, detector=args.detector,
                          fov_degrees=args.fov, progress=not args.no_progress and sys.stderr.isatty(),
-                         linger_s=args.linger)
+                         linger_s=args.linger, fusion=args.fusion)
     report = asyncio.run(run_replay(opts))
     summary = {k: report.get(k) for k in ("frames_read", "frames_tracked", "windows", "versions", "wall_s",
                                           "realtime_factor", "first_avatar_s", "n_gaussians_final")}

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--refine", type=float, default=30.0, metavar="SECONDS",
                    help="per-session refinement budget (default 30; 0 disables)")
     p.add_argument("--budget", type=int, default=60_000, help="most Gaussians per avatar (default 60000)")
+    p.add_argument("--fusion", choices=["visibility", "concat"], default="visibility",
+                   help="how per-frame Gaussians combine (default visibility; concat = the paper's concatenation)")
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
     p.add_argument("--snapshot-dir", type=Path, help="write each session's final avatar here as PLY")
     p.set_defaults(func=run)
@@ -53,7 +55,7 @@ async def serve(args: argparse.Namespace) -> None:
     from fastavatar_stream.session import SessionOptions
     from fastavatar_stream.sources import open_source
 
-    defaults = SessionOptions(budget=args.budget, refine_seconds=max(args.refine, 0.0))
+    defaults = SessionOptions(budget=args.budget, refine_seconds=max(args.refine, 0.0), fusion=args.fusion)
     config = DaemonConfig(weights=args.weights, publish=_endpoint(args.publish), control=_endpoint(args.control),
                           max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir,
                           session_defaults=defaults)
