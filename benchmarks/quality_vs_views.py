@@ -12,13 +12,16 @@ targets, rendered on their plain backgrounds.
 
 Rows of `OUTDIR/quality.json` (each {frames: metrics}; metrics = psnr, ssim, lpips when its weights are local,
 identity distance with --identity-distance, gaussians, seconds, and the same per sampler under "by_sampler"):
-- "full": the checkpoint, all slots fused, hard-pruned (importance > 0), at 1/4/8/16 frames;
+- "full": the checkpoint, all slots fused with visibility weights (engine.fusion.view_weights) and hard-pruned
+  (GaussianSet.keep_logit > 0: importance > 0 and no other frame saw the anchor twice as well), at 1/4/8/16 frames;
+- "full_concat": the same network and pruning with the paper's plain concatenation (no fusion weights);
 - "full_pool<F>": 16 frames + a FramePack pool of F frames;
 - "naive_fusion" (the paper's LAM* row): the same network run on every frame alone, outputs concatenated;
 - "optimisation_<it>": per-subject optimisation from scratch (one grey Gaussian per point prompt, optimised with
   engine.refine.RefineSession on the same input frames, same renderer and losses) after <it> iterations;
 - one row per ablation checkpoint found under --ablations (names in ABLATIONS); "no_pruning" is evaluated
-  without the hard prune. Missing ones are listed under meta.missing_ablations.
+  without the hard prune. Missing ones are listed under meta.missing_ablations. --ablations/full, when present, is
+  the full recipe at the ablations' budget (row "full_equal_budget"): the ablation targets compare with it.
 Other keys: "pruning" (Gaussian counts and PSNR with/without the hard prune), "render_fps" (the fused 16-frame
 avatars, cpu backend), "meta". Also writes quality.md, plot_psnr_vs_views.png, plot_quality_vs_time.png and
 preview_<sampler>.png (inputs | prediction | ground truth per row).
@@ -51,6 +54,8 @@ MAX_INPUTS = 16
 #: model has no guidance token, so the paper's "w/o guidance" row is read as full vs "with_guidance".
 ABLATIONS = ("no_global_attention", "no_sliced_fusion", "no_tracking_loss", "with_guidance", "no_pruning")
 UNPRUNED_ROWS = ("no_pruning",)
+#: row of `--ablations`/full: the full recipe trained at the ablations' budget, the fair reference for them
+CONTROL_ROW = "full_equal_budget"
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -103,22 +108,30 @@ class Prediction:
 class Evaluator:
     """Runs one network on the cases: fused windows, naive per-frame fusion, and renders of the targets."""
 
-    def __init__(self, avatar_model, backend: str) -> None:
+    def __init__(self, avatar_model, backend: str, fusion: str = "visibility") -> None:
         self.network = avatar_model.network
         self.prompts = avatar_model.prompts
         self.head = avatar_model.head
         self.backend = backend
+        self.fusion = fusion
 
     def _forward(self, case: Case, inputs: list[int], pool: torch.Tensor | None):
-        from engine.training import sample_guidance, slot_sets
+        from engine.training import sample_guidance, sample_point_features, slot_sets, slot_view_weights
 
         s = case.sample
+        cfg = self.network.cfg
         points = self.prompts.canonical(s.flame.shape[:1])
-        guidance = sample_guidance(s, inputs[: self.network.cfg.max_base_frames]) if self.network.cfg.guidance \
-            else None
+        base = inputs[: cfg.max_base_frames]
+        guidance = sample_guidance(s, base) if cfg.guidance else None
+        weighted = self.fusion == "visibility"
+        features = (sample_point_features(s, base, self.prompts, self.head)
+                    if cfg.point_guidance or weighted else None)
         pool_images = pool[None] if pool is not None else None
-        out = self.network(s.images[inputs][None], points, pool_images=pool_images, guidance=guidance)
-        return slot_sets(out, 0, list(range(out.xyz.shape[1])))
+        out = self.network(s.images[inputs][None], points, pool_images=pool_images, guidance=guidance,
+                           point_features=features if cfg.point_guidance else None)
+        n_slots = out.xyz.shape[1]
+        seen = slot_view_weights(features[0], n_slots) if weighted else None
+        return slot_sets(out, 0, list(range(n_slots)), seen)
 
     def render(self, gs, case: Case) -> torch.Tensor:
         from engine.training import render_set
@@ -143,6 +156,8 @@ class Evaluator:
 
         t0 = time.perf_counter()
         sets = [self._forward(case, [i], None) for i in sorted(case.order[:n])]
+        for one in sets:  # LAM*: plain concatenation, no registration and no fusion weights
+            one.seen = None
         gs = GaussianSet.fuse(sets)
         if prune:
             gs = gs.prune(0.0)
@@ -385,10 +400,13 @@ def check_targets(result: dict) -> list[str]:
         if other not in result:
             lines.append(f"n/a: full vs {other} (row missing)")
             continue
+        # an ablation is compared with the full recipe trained at its own budget when that row exists
+        ref_name = CONTROL_ROW if other in ABLATIONS and CONTROL_ROW in result else "full"
+        ref = result[ref_name]
         for n in ("8", "16"):
-            if n in full and n in result[other]:
-                diff = full[n]["psnr"] - result[other][n]["psnr"]
-                lines.append(f"{'PASS' if diff > 0 else 'MISS'}: full beats {other} at {n} frames "
+            if n in ref and n in result[other]:
+                diff = ref[n]["psnr"] - result[other][n]["psnr"]
+                lines.append(f"{'PASS' if diff > 0 else 'MISS'}: {ref_name} beats {other} at {n} frames "
                              f"({diff:+.2f} dB)")
     return lines
 
@@ -425,7 +443,7 @@ def write_markdown(path: Path, result: dict) -> None:
             for n, e in result[r].items():
                 md.append(f"| {r} | {n} | {_fmt(e.get('lpips'), 3)} | {_fmt(e.get('identity'), 3)} "
                           f"({_fmt(e.get('identity_faces'), 1)}) |")
-    md += ["", "## Pruning (full model, hard prune importance > 0)", "",
+    md += ["", "## Pruning (full model, hard prune: keep logit > 0)", "",
            "| frames | Gaussians unpruned | pruned | kept | PSNR unpruned | PSNR pruned | loss dB |",
            "|---|---|---|---|---|---|---|"]
     for n, p in result["pruning"].items():
@@ -465,9 +483,9 @@ def parse_ints(text: str) -> list[int]:
 
 
 def evaluate_model(name: str, avatar_model, cases: list[Case], frames: list[int], metrics: Metrics, table: Table,
-                   backend: str, *, prune: bool = True) -> dict:
+                   backend: str, *, prune: bool = True, fusion: str = "visibility") -> dict:
     """Fused rows of one network; returns {frames: [(case, Prediction)]} for previews and further checks."""
-    ev = Evaluator(avatar_model, backend)
+    ev = Evaluator(avatar_model, backend, fusion)
     ev.fused(cases[0], 1)  # warm-up: the first forward and render pay one-off costs that would skew "seconds"
     kept = {}
     for n in frames:
@@ -523,6 +541,8 @@ def run(args: argparse.Namespace) -> dict:
                            "kept_fraction": float(np.sum(g_pr) / max(1, np.sum(g_un))),
                            "psnr_unpruned": float(np.mean(un)), "psnr_pruned": float(np.mean(pr)),
                            "psnr_loss_db": float(np.mean(un) - np.mean(pr))}
+    # the same network with the paper's plain concatenation instead of visibility-weighted fusion
+    evaluate_model("full_concat", model, cases, frames, metrics, table, args.backend, fusion="concat")
     if args.pool > 0:
         for case in cases:
             pred = ev.fused(case, n_max, pool=True)
@@ -557,6 +577,10 @@ def run(args: argparse.Namespace) -> dict:
 
     # ablations
     missing = []
+    control = Path(args.ablations) / "full" if args.ablations else None
+    if control is not None and any(control.glob("*.safetensors")):  # the full recipe at the ablations' budget
+        evaluate_model(CONTROL_ROW, AvatarModel.load(control, head=head), cases, frames, metrics, table,
+                       args.backend)
     for name in ABLATIONS:
         folder = Path(args.ablations) / name if args.ablations else None
         if folder is None or not any(folder.glob("*.safetensors")):

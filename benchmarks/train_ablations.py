@@ -56,7 +56,8 @@ def base_config(args: argparse.Namespace):
 
     return TrainConfig(model=args.config, data="synthetic", steps=args.steps, resolution=args.resolution,
                        seed=args.seed, n_identities=500, sampler="mixed", background="mixed", n_views=20,
-                       val_every=args.val_every, cache_samples=args.cache_samples, render_backend=args.backend)
+                       val_every=args.val_every, cache_samples=args.cache_samples, render_backend=args.backend,
+                       init_from=args.init_from or "", loss_weights=dict(args.loss_weights))
 
 
 def variant_configs(name: str, args: argparse.Namespace):
@@ -86,6 +87,10 @@ def train_variant(name: str, args: argparse.Namespace, head=None) -> dict:
         return {"variant": name, "steps": done, "skipped": True}
     cfg, mcfg = variant_configs(name, args)
     command = f"benchmarks/train_ablations.py {name} --steps {args.steps} --seed {args.seed}"
+    if args.init_from:
+        command += f" --init-from {args.init_from}"
+    if args.loss_weights:
+        command += " --loss-weights " + ",".join(f"{k}={v}" for k, v in args.loss_weights.items())
     trainer = Trainer(cfg, folder, command=command, resume=(folder / STATE_FILE).is_file(), model_config=mcfg,
                       head=head, progress=not args.no_progress)
     t0 = time.perf_counter()
@@ -105,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-every", type=int, default=300)
     ap.add_argument("--cache-samples", type=int, default=400)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="every variant starts from this checkpoint (as far as its architecture allows) instead of "
+                         "a fresh init: an equal fine-tuning budget")
+    ap.add_argument("--loss-weights", default="", metavar="NAME=W,...",
+                    help="loss-weight overrides of the shared recipe (a variant's own overrides win)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    args.loss_weights = {k: float(v) for k, v in (item.split("=") for item in args.loss_weights.split(",") if item)}
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or args.steps < 1:

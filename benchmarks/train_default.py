@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-samples", type=int, default=400,
                     help="distinct synthetic samples rendered once and reused (0: a fresh render every step)")
     ap.add_argument("--no-install", action="store_true", help="do not copy the result into the package")
+    ap.add_argument("--init-from", default=None, metavar="DIR", help="start from this checkpoint (fine-tuning)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the trainer's 3e-4)")
+    ap.add_argument("--loss-weights", default=None, metavar="NAME=W,...", help="loss weight overrides")
     args = ap.parse_args(argv)
 
     from engine.checkpoints import default_checkpoint_dir
@@ -39,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
            "--cache-samples", str(args.cache_samples)]
     if args.resume:
         cmd.append("--resume")
+    if args.init_from:
+        cmd += ["--init-from", args.init_from]
+    if args.lr is not None:
+        cmd += ["--lr", str(args.lr)]
+    if args.loss_weights:
+        cmd += ["--loss-weights", args.loss_weights]
     rc = cli(cmd)
     if rc or args.no_install:
         return rc

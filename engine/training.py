@@ -5,8 +5,10 @@ FramePack extras from the remaining views), run the network, then
 - sliced fusion: one random single-slot Gaussian set g_i and one fused set g_sliced of N_sliced < N random base
   slots plus the FramePack slot (`sliced_fusion=False`, an ablation: one set of all slots fused instead); both
   are animated with every input and target view's FLAME parameters and rendered with its camera, soft
-  stochastic pruning on (SPEC §8, training mode); models built with guidance get it from the sample's
-  cameras and FLAME parameters (`sample_guidance`);
+  stochastic pruning on (SPEC §8, training mode); with `fusion="visibility"` (default) the fused set is
+  weighted the way the daemon fuses (engine.fusion: each anchor's copies share its coverage by how squarely their
+  frames saw it); models built with guidance get it from the sample's cameras and FLAME parameters
+  (`sample_guidance`), models with point guidance the projected point features (`sample_point_features`);
 - photometric terms (L1, 1-SSIM, LPIPS if its files are present) of both renders against the plain-background
   targets; landmark tracking loss (engine.losses); offset and pruning regularizers over all slots.
 AdamW (betas 0.9/0.95, weight decay 1e-3 as the official config) with a cosine schedule; bf16 autocast and
@@ -75,6 +77,9 @@ class TrainConfig:
     num_workers: int = 0
     prompt_levels: int = 1
     cache_samples: int = 0             # >0: train on this many distinct samples, rendered once and kept in memory
+    init_from: str = ""                # checkpoint folder to start from (modules it lacks keep their fresh init)
+    fusion: str = "visibility"         # "visibility": fused renders weight copies by how well their frame saw
+                                       # the anchor (engine.fusion.view_weights); "concat": plain concatenation
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,6 +98,15 @@ def model_prompts(head, n_points: int, levels: int = 1):
     full = build_point_prompts(head, levels=levels)
     idx = farthest_point_indices(full.v_template, n_points)
     return full.subset(idx), idx
+
+
+def sample_point_features(sample: HeadSample, index: list[int], prompts, head) -> torch.Tensor:
+    """The projected point-prompt features (engine.model.point_guidance) of views `index`, batch of one:
+    (1,N,P,F) from the views' input images, cameras and FLAME parameters."""
+    from engine.prompt_views import point_features
+
+    views = sample.select(index)
+    return point_features(prompts, head, views.flame, views.cameras, views.images)[None]
 
 
 def sample_guidance(sample: HeadSample, index: list[int]) -> dict[str, torch.Tensor]:
@@ -138,15 +152,29 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
 
 
 # -- Gaussian sets from network output ------------------------------------------------------------------------------
-def slot_sets(out, b: int, slots: list[int]) -> GaussianSet:
-    """Sample b's Gaussians of the given slots of a GaussianHeadOutput ((B,S,P,k) fields) as one canonical set."""
+def slot_sets(out, b: int, slots: list[int], seen: torch.Tensor | None = None) -> GaussianSet:
+    """Sample b's Gaussians of the given slots of a GaussianHeadOutput ((B,S,P,k) fields) as one canonical set.
+
+    seen: (S,P) view weights of every slot of `out` (`slot_view_weights`) for a visibility-weighted set, or None.
+    """
     p = out.xyz.shape[2]
     sel = lambda t: t[b, slots].reshape(len(slots) * p, -1)  # noqa: E731
     anchor = torch.arange(p, device=out.xyz.device).repeat(len(slots))
     frame = torch.tensor(slots, device=out.xyz.device).repeat_interleave(p)
     return GaussianSet.from_activated(anchor=anchor, offset=sel(out.offset), rotation=sel(out.rotation),
                                       scale=sel(out.scale), opacity=sel(out.opacity), color=sel(out.rgb),
-                                      importance=sel(out.importance), frame=frame)
+                                      importance=sel(out.importance), frame=frame,
+                                      seen=None if seen is None else seen[slots].reshape(-1))
+
+
+def slot_view_weights(point_features: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """(S,P) `seen` of every slot: base slot i from frame i's (N,P,F) point features, the FramePack slot (and any
+    slot past the features) UNSEEN."""
+    from engine.fusion import UNSEEN, view_weights
+
+    seen = view_weights(point_features[:n_slots])
+    rest = torch.full((n_slots - seen.shape[0], seen.shape[1]), UNSEEN, dtype=seen.dtype, device=seen.device)
+    return torch.cat([seen, rest])
 
 
 def render_set(gs: GaussianSet, prompts, head, sample: HeadSample, *, soft_prune: bool,
@@ -200,6 +228,8 @@ class Trainer:
                  model_config=None, head=None, prompts=None, progress: bool = True):
         from engine.model import build_model, get_config
 
+        if cfg.fusion not in ("visibility", "concat"):
+            raise InputError(f"unknown fusion {cfg.fusion!r}; use 'visibility' or 'concat'")
         self.cfg, self.out_dir, self.command, self.progress = cfg, Path(out_dir), command, progress
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -220,6 +250,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(mcfg).to(self.device)
         self.model_config = mcfg
+        if cfg.init_from:
+            # a model built without global blocks (the ablation) deliberately leaves those tensors unused
+            unused = () if mcfg.global_attention else ("transformer.global_attn_layers.",)
+            self.initialised_from = init_weights_from(self.model, cfg.init_from, allow_unused=unused)
         if prompts is None:
             self.prompts, self.prompt_indices = model_prompts(self.head, mcfg.n_points, cfg.prompt_levels)
         else:
@@ -312,9 +346,13 @@ class Trainer:
         shape = sample.flame.shape[:1]
         points = self.prompts.canonical(shape)                                      # (1,P,3)
         pool_images = sample.images[pool][None] if pool else None
+        features = self._point_features(sample, inputs)
         out = self.ddp_model(sample.images[inputs][None], points, pool_images=pool_images,
-                             guidance=self._guidance(sample, inputs))
+                             guidance=self._guidance(sample, inputs),
+                             point_features=features if self.model_config.point_guidance else None)
         n_base = out.xyz.shape[1] - 1
+        weighted = self.cfg.fusion == "visibility"
+        seen = slot_view_weights(features[0], n_base + 1) if weighted else None
         if self.cfg.sliced_fusion:
             single, sliced = L.sliced_selection(n_base, self.cfg.n_sliced_max, gen)
             renders = (("single", [single]), ("sliced", sliced + [n_base]))
@@ -325,7 +363,7 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         for name, slots in renders:
-            pred = render_set(slot_sets(out, 0, slots), self.prompts, self.head, views, soft_prune=True,
+            pred = render_set(slot_sets(out, 0, slots, seen), self.prompts, self.head, views, soft_prune=True,
                               generator=gen, backend=self.cfg.render_backend)
             tgt = views.targets.permute(0, 2, 3, 1)
             img = L.image_losses(pred, tgt, w, self.lpips)
@@ -354,6 +392,13 @@ class Trainer:
         terms["loss"] = total
         terms["n_inputs"] = torch.tensor(float(len(inputs)))
         return terms
+
+    def _point_features(self, sample: HeadSample, inputs: list[int]) -> torch.Tensor | None:
+        """(1,N,P,F) projected point features of the base frames among `inputs` when the model takes them or the
+        fusion weights copies by them, else None."""
+        if not self.model_config.point_guidance and self.cfg.fusion != "visibility":
+            return None
+        return sample_point_features(sample, inputs[: self.model_config.max_base_frames], self.prompts, self.head)
 
     def _guidance(self, sample: HeadSample, inputs: list[int]) -> dict[str, torch.Tensor] | None:
         """Guidance for the base frames among `inputs` when the model takes it (config `guidance`), else None."""
@@ -417,9 +462,13 @@ class Trainer:
                     if n > len(pool):
                         continue
                     inputs = pool[:n]
+                    features = self._point_features(sample, inputs)
                     out = self.model(sample.images[inputs][None], self.prompts.canonical(sample.flame.shape[:1]),
-                                     guidance=self._guidance(sample, inputs))
-                    gs = slot_sets(out, 0, list(range(out.xyz.shape[1])))
+                                     guidance=self._guidance(sample, inputs),
+                                     point_features=features if self.model_config.point_guidance else None)
+                    n_slots = out.xyz.shape[1]
+                    seen = slot_view_weights(features[0], n_slots) if self.cfg.fusion == "visibility" else None
+                    gs = slot_sets(out, 0, list(range(n_slots)), seen)
                     pred = render_set(gs, self.prompts, self.head, tgt_views, soft_prune=False, generator=None,
                                       backend=self.cfg.render_backend, hard_prune=True).clamp(0, 1)
                     tgt = tgt_views.targets.permute(0, 2, 3, 1)
@@ -528,6 +577,29 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         return {"logs": logs, "validation": self.validation, "loss_history": history, "steps": self.step}
+
+
+def init_weights_from(model: torch.nn.Module, directory: str | Path, allow_unused: tuple[str, ...] = ()) -> list[str]:
+    """Copy the weights of the checkpoint in `directory` into `model` (fine-tuning start).
+
+    Every tensor of the checkpoint must exist in `model` with the same shape, except those whose names start
+    with one of `allow_unused` (dropped); the model may have modules the checkpoint lacks (e.g. point guidance
+    added to a model trained without it), which keep their fresh initialisation. Returns the names of those
+    fresh tensors.
+    """
+    from engine.checkpoints import load_checkpoint
+
+    source, _ = load_checkpoint(directory)
+    theirs = {k: v for k, v in source.state_dict().items() if not k.startswith(allow_unused)}
+    ours = model.state_dict()
+    wrong = [k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
+    if wrong:
+        raise InputError(f"cannot start from {directory}: {len(wrong)} of its tensors do not fit this model "
+                         f"(e.g. {wrong[0]})")
+    model.load_state_dict(theirs, strict=False)
+    fresh = [k for k in ours if k not in theirs]
+    log.info("started from %s; %d tensors keep their fresh init: %s", directory, len(fresh), fresh[:4])
+    return fresh
 
 
 def init_distributed() -> bool:

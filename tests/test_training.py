@@ -132,3 +132,42 @@ def test_cli_trains_and_writes_a_checkpoint(tmp_path, monkeypatch):
     assert meta["steps"] == 2 and "train" in meta["command"]
     # a second run into the same folder without --resume is a user error (exit 2)
     assert main(["train", "--config", "micro", "--steps", "2", "--out", str(out)]) == 2
+
+
+def test_fine_tuning_starts_from_a_checkpoint_without_point_guidance(head, tmp_path):
+    """A model trained before point guidance existed is a valid start: its tensors are copied, the new module
+    keeps its zero-output init, and a checkpoint that does not fit is a clear error."""
+    from engine.checkpoints import save_checkpoint
+    from engine.errors import InputError
+    from engine.model import MICRO, build_model
+
+    torch.manual_seed(3)
+    old = build_model(MICRO.replace(point_guidance=False))
+    save_checkpoint(tmp_path / "old", old, metadata={})
+    trainer = Trainer(small_config(steps=1, init_from=str(tmp_path / "old")), tmp_path / "new", head=head,
+                      progress=False)
+    assert trainer.initialised_from and all(k.startswith("point_guidance.") for k in trainer.initialised_from)
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+    save_checkpoint(tmp_path / "wide", build_model(MICRO.replace(dim=128, heads=2)), metadata={})
+    with pytest.raises(InputError, match="do not fit"):
+        Trainer(small_config(steps=1, init_from=str(tmp_path / "wide")), tmp_path / "x", head=head, progress=False)
+
+
+@pytest.mark.parametrize("fusion", ["visibility", "concat"])
+def test_fused_training_renders_carry_view_weights_only_with_visibility_fusion(head, tmp_path, monkeypatch, fusion):
+    import engine.training as training
+
+    weighted = []
+    real = training.render_set
+    monkeypatch.setattr(training, "render_set",
+                        lambda gs, *a, **k: weighted.append(gs.seen is not None) or real(gs, *a, **k))
+    Trainer(small_config(steps=2, fusion=fusion), tmp_path, head=head, progress=False).fit()
+    assert weighted and all(w == (fusion == "visibility") for w in weighted)
+
+
+def test_an_unknown_fusion_is_a_clear_error(head, tmp_path):
+    from engine.errors import InputError
+
+    with pytest.raises(InputError, match="unknown fusion"):
+        Trainer(small_config(fusion="average"), tmp_path, head=head, progress=False)

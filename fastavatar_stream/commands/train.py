@@ -49,6 +49,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-samples", type=int, default=None, metavar="N",
                    help="train on N distinct synthetic samples rendered once and kept in memory (default: a fresh "
                         "render every step)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the weights of this checkpoint folder (fine-tuning); modules it lacks, such "
+                        "as point guidance added later, start from their fresh init")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -61,7 +64,7 @@ def build_train_config(args: argparse.Namespace):
     for attr, name in (("lr", "lr"), ("resolution", "resolution"), ("val_every", "val_every"),
                        ("identities", "n_identities"), ("val_identities", "val_identities"), ("sampler", "sampler"),
                        ("background", "background"), ("views", "n_views"), ("loss_weights", "loss_weights"),
-                       ("cache_samples", "cache_samples")):
+                       ("cache_samples", "cache_samples"), ("init_from", "init_from")):
         value = getattr(args, attr, None)
         if value is not None:
             setattr(cfg, name, value)
@@ -69,6 +72,8 @@ def build_train_config(args: argparse.Namespace):
         raise InputError("--steps and --batch must be at least 1")
     if cfg.resolution < 16 or cfg.resolution > 1024:
         raise InputError(f"--resolution must be in 16..1024, got {cfg.resolution}")
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        raise InputError(f"--init-from {cfg.init_from}: no such checkpoint folder")
     if cfg.data != "synthetic" and not Path(cfg.data).is_dir():
         raise InputError(f"--data {cfg.data}: not 'synthetic' and not a folder")
     return cfg
