@@ -116,22 +116,12 @@ class Evaluator:
         self.fusion = fusion
 
     def _forward(self, case: Case, inputs: list[int], pool: torch.Tensor | None):
-        from engine.training import sample_guidance, sample_point_features, slot_sets, slot_view_weights
+        from engine.training import forward_views, slot_sets
 
-        s = case.sample
-        cfg = self.network.cfg
-        points = self.prompts.canonical(s.flame.shape[:1])
-        base = inputs[: cfg.max_base_frames]
-        guidance = sample_guidance(s, base) if cfg.guidance else None
-        weighted = self.fusion == "visibility"
-        features = (sample_point_features(s, base, self.prompts, self.head)
-                    if cfg.point_guidance or weighted else None)
         pool_images = pool[None] if pool is not None else None
-        out = self.network(s.images[inputs][None], points, pool_images=pool_images, guidance=guidance,
-                           point_features=features if cfg.point_guidance else None)
-        n_slots = out.xyz.shape[1]
-        seen = slot_view_weights(features[0], n_slots) if weighted else None
-        return slot_sets(out, 0, list(range(n_slots)), seen)
+        out, seen = forward_views(self.network, self.network.cfg, case.sample, inputs, self.prompts, self.head,
+                                  self.fusion, pool_images)
+        return slot_sets(out, 0, list(range(out.xyz.shape[1])), seen)
 
     def render(self, gs, case: Case) -> torch.Tensor:
         from engine.training import render_set

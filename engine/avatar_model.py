@@ -151,29 +151,23 @@ class AvatarModel:
         fusion "visibility": every set carries `seen` (engine.fusion.view_weights; the FramePack slot UNSEEN), so
         the fused avatar weighs each anchor's copies by how squarely their frames saw it; "concat": no weights.
         """
-        from engine.fusion import UNSEEN, view_weights
+        from engine.fusion import check_fusion, slot_view_weights
         from engine.reconstruct import reconstruct
 
         if images.shape[0] != len(frame_ids):
             raise ValueError(f"{images.shape[0]} images but {len(frame_ids)} frame ids")
-        if fusion not in ("visibility", "concat"):
-            raise ValueError(f"unknown fusion {fusion!r}; use 'visibility' or 'concat'")
-        if fusion == "visibility" and point_features is None:
+        if check_fusion(fusion) == "visibility" and point_features is None:
             raise ValueError("visibility fusion needs the window's point features (AvatarModel.point_features)")
         points = self.canonical_points(shape).to(self.device)
         net_features = point_features if self.network.cfg.point_guidance else None
         slots = reconstruct(self.network, images, points, pool, guidance, net_features)
         anchors = torch.arange(points.shape[0])
-        seen = view_weights(point_features.cpu()) if fusion == "visibility" else None
+        seen = slot_view_weights(point_features.cpu(), len(slots)) if fusion == "visibility" else None
         sets = []
         for i, slot in enumerate(slots):
-            base = i < len(slots) - 1
-            frame = frame_ids[i] if base else POOL_FRAME
-            slot_seen = None
-            if seen is not None:
-                slot_seen = seen[i] if base else torch.full((len(anchors),), UNSEEN)
+            frame = frame_ids[i] if i < len(slots) - 1 else POOL_FRAME
             sets.append(GaussianSet.from_activated(
                 anchor=anchors, offset=slot["offset"].cpu(), rotation=slot["rotation"].cpu(),
                 scale=slot["scale"].cpu(), opacity=slot["opacity"].cpu(), color=slot["rgb"].cpu(),
-                importance=slot["importance"].cpu(), frame=frame, seen=slot_seen))
+                importance=slot["importance"].cpu(), frame=frame, seen=None if seen is None else seen[i]))
         return sets

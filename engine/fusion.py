@@ -10,9 +10,9 @@ Visibility-weighted fusion (our addition to the paper's plain concatenation, eq.
 `seen`, how squarely its source frame saw its anchor (`view_weights`). The copies of one anchor from different
 frames then share that anchor's coverage in proportion to `seen` (`GaussianSet.fusion_share`), and a copy is pruned
 once another frame saw its anchor at least twice as well (`GaussianSet.keep_logit`), so a copy from a frame that saw
-the anchor edge-on or not at all fades and goes. Because the weights are recomputed over the whole avatar at every fold, a later frame that sees a region
-better takes it over from earlier ones: more frames, better coverage, and the Gaussian count stays near the
-number of anchors that some frame saw well. Measured on held-out synthetic heads (benchmarks/RESULTS.md), plain
+the anchor edge-on or not at all fades and goes. Because the weights are recomputed over the whole avatar at every
+fold, a later frame that sees a region better takes it over from earlier ones: more frames, better coverage, and
+the Gaussian count stays near the number of anchors that some frame saw well. Measured on held-out synthetic heads (benchmarks/RESULTS.md), plain
 concatenation loses quality with every added frame while this fusion gains it.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ from engine.gaussians import GaussianSet
 from engine.model.point_guidance import FACING, INSIDE
 
 POOL_FRAME = -1
+#: how per-frame Gaussians combine: "visibility" (below) or "concat" (the paper's plain concatenation)
+FUSIONS = ("visibility", "concat")
 #: `seen` of a copy whose frame did not see its anchor (back-facing or outside the image), and of every FramePack
 #: copy: where no frame saw an anchor all copies weigh the same, and the FramePack slot fills in
 UNSEEN = 1e-3
@@ -40,6 +42,21 @@ def view_weights(point_features: torch.Tensor, gamma: float = VIEW_GAMMA) -> tor
     """
     facing = point_features[..., FACING].clamp_min(0) * point_features[..., INSIDE]
     return (facing ** gamma).clamp_min(UNSEEN)
+
+
+def slot_view_weights(point_features: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """(S,P) `seen` of every slot of a window: base slot i from frame i's (N,P,F) point features, the FramePack slot
+    (and any slot past the features) UNSEEN."""
+    seen = view_weights(point_features[:n_slots])
+    rest = torch.full((n_slots - seen.shape[0], seen.shape[1]), UNSEEN, dtype=seen.dtype, device=seen.device)
+    return torch.cat([seen, rest])
+
+
+def check_fusion(fusion: str) -> str:
+    """`fusion` if it is one of FUSIONS, else ValueError naming them."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
+    return fusion
 
 
 @dataclass

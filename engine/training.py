@@ -8,7 +8,8 @@ FramePack extras from the remaining views), run the network, then
   stochastic pruning on (SPEC §8, training mode); with `fusion="visibility"` (default) the fused set is
   weighted the way the daemon fuses (engine.fusion: each anchor's copies share its coverage by how squarely their
   frames saw it); models built with guidance get it from the sample's cameras and FLAME parameters
-  (`sample_guidance`), models with point guidance the projected point features (`sample_point_features`);
+  (`sample_guidance`), models with point guidance the projected point features (`sample_point_features`), both
+  through `forward_views`;
 - photometric terms (L1, 1-SSIM, LPIPS if its files are present) of both renders against the plain-background
   targets; landmark tracking loss (engine.losses); offset and pruning regularizers over all slots.
 AdamW (betas 0.9/0.95, weight decay 1e-3 as the official config) with a cosine schedule; bf16 autocast and
@@ -109,6 +110,23 @@ def sample_point_features(sample: HeadSample, index: list[int], prompts, head) -
     return point_features(prompts, head, views.flame, views.cameras, views.images)[None]
 
 
+def forward_views(net, cfg, sample: HeadSample, inputs: list[int], prompts, head, fusion: str,
+                  pool_images: torch.Tensor | None = None):
+    """Run `net` (config `cfg`) on views `inputs` of `sample` (batch of one), with the guidance and projected point
+    features the config takes; returns the GaussianHeadOutput and the (S,P) `seen` of its slots when `fusion` is
+    "visibility" (else None), ready for `slot_sets`. pool_images: (1,F,3,H,W) FramePack extras or None."""
+    from engine.fusion import slot_view_weights
+
+    base = inputs[: cfg.max_base_frames]
+    weighted = fusion == "visibility"
+    features = sample_point_features(sample, base, prompts, head) if cfg.point_guidance or weighted else None
+    out = net(sample.images[inputs][None], prompts.canonical(sample.flame.shape[:1]), pool_images=pool_images,
+              guidance=sample_guidance(sample, base) if cfg.guidance else None,
+              point_features=features if cfg.point_guidance else None)
+    seen = slot_view_weights(features[0], out.xyz.shape[1]) if weighted else None
+    return out, seen
+
+
 def sample_guidance(sample: HeadSample, index: list[int]) -> dict[str, torch.Tensor]:
     """The guidance inputs (paper eq. 2) of views `index` of `sample`, batch of one: camera (1,N,4,4)
     world-to-camera, expression (1,N,E) and pose (1,N,15) = global, neck, jaw, eyes axis-angles."""
@@ -155,7 +173,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
 def slot_sets(out, b: int, slots: list[int], seen: torch.Tensor | None = None) -> GaussianSet:
     """Sample b's Gaussians of the given slots of a GaussianHeadOutput ((B,S,P,k) fields) as one canonical set.
 
-    seen: (S,P) view weights of every slot of `out` (`slot_view_weights`) for a visibility-weighted set, or None.
+    seen: (S,P) view weights of every slot of `out` (`engine.fusion.slot_view_weights`) for a visibility-weighted
+    set, or None.
     """
     p = out.xyz.shape[2]
     sel = lambda t: t[b, slots].reshape(len(slots) * p, -1)  # noqa: E731
@@ -165,16 +184,6 @@ def slot_sets(out, b: int, slots: list[int], seen: torch.Tensor | None = None) -
                                       scale=sel(out.scale), opacity=sel(out.opacity), color=sel(out.rgb),
                                       importance=sel(out.importance), frame=frame,
                                       seen=None if seen is None else seen[slots].reshape(-1))
-
-
-def slot_view_weights(point_features: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """(S,P) `seen` of every slot: base slot i from frame i's (N,P,F) point features, the FramePack slot (and any
-    slot past the features) UNSEEN."""
-    from engine.fusion import UNSEEN, view_weights
-
-    seen = view_weights(point_features[:n_slots])
-    rest = torch.full((n_slots - seen.shape[0], seen.shape[1]), UNSEEN, dtype=seen.dtype, device=seen.device)
-    return torch.cat([seen, rest])
 
 
 def render_set(gs: GaussianSet, prompts, head, sample: HeadSample, *, soft_prune: bool,
@@ -228,8 +237,12 @@ class Trainer:
                  model_config=None, head=None, prompts=None, progress: bool = True):
         from engine.model import build_model, get_config
 
-        if cfg.fusion not in ("visibility", "concat"):
-            raise InputError(f"unknown fusion {cfg.fusion!r}; use 'visibility' or 'concat'")
+        from engine.fusion import check_fusion
+
+        try:
+            check_fusion(cfg.fusion)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         self.cfg, self.out_dir, self.command, self.progress = cfg, Path(out_dir), command, progress
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -343,16 +356,10 @@ class Trainer:
         """All loss terms of one sample (the total under "loss")."""
         sample = sample.to(self.device)
         inputs, targets, pool = self._split_views(sample.n_views, gen)
-        shape = sample.flame.shape[:1]
-        points = self.prompts.canonical(shape)                                      # (1,P,3)
         pool_images = sample.images[pool][None] if pool else None
-        features = self._point_features(sample, inputs)
-        out = self.ddp_model(sample.images[inputs][None], points, pool_images=pool_images,
-                             guidance=self._guidance(sample, inputs),
-                             point_features=features if self.model_config.point_guidance else None)
+        out, seen = forward_views(self.ddp_model, self.model_config, sample, inputs, self.prompts, self.head,
+                                  self.cfg.fusion, pool_images)
         n_base = out.xyz.shape[1] - 1
-        weighted = self.cfg.fusion == "visibility"
-        seen = slot_view_weights(features[0], n_base + 1) if weighted else None
         if self.cfg.sliced_fusion:
             single, sliced = L.sliced_selection(n_base, self.cfg.n_sliced_max, gen)
             renders = (("single", [single]), ("sliced", sliced + [n_base]))
@@ -392,19 +399,6 @@ class Trainer:
         terms["loss"] = total
         terms["n_inputs"] = torch.tensor(float(len(inputs)))
         return terms
-
-    def _point_features(self, sample: HeadSample, inputs: list[int]) -> torch.Tensor | None:
-        """(1,N,P,F) projected point features of the base frames among `inputs` when the model takes them or the
-        fusion weights copies by them, else None."""
-        if not self.model_config.point_guidance and self.cfg.fusion != "visibility":
-            return None
-        return sample_point_features(sample, inputs[: self.model_config.max_base_frames], self.prompts, self.head)
-
-    def _guidance(self, sample: HeadSample, inputs: list[int]) -> dict[str, torch.Tensor] | None:
-        """Guidance for the base frames among `inputs` when the model takes it (config `guidance`), else None."""
-        if not self.model_config.guidance:
-            return None
-        return sample_guidance(sample, inputs[: self.model_config.max_base_frames])
 
     def train_step(self, batch: list[HeadSample]) -> dict[str, float]:
         self.model.train()
@@ -462,13 +456,9 @@ class Trainer:
                     if n > len(pool):
                         continue
                     inputs = pool[:n]
-                    features = self._point_features(sample, inputs)
-                    out = self.model(sample.images[inputs][None], self.prompts.canonical(sample.flame.shape[:1]),
-                                     guidance=self._guidance(sample, inputs),
-                                     point_features=features if self.model_config.point_guidance else None)
-                    n_slots = out.xyz.shape[1]
-                    seen = slot_view_weights(features[0], n_slots) if self.cfg.fusion == "visibility" else None
-                    gs = slot_sets(out, 0, list(range(n_slots)), seen)
+                    out, seen = forward_views(self.model, self.model_config, sample, inputs, self.prompts,
+                                              self.head, self.cfg.fusion)
+                    gs = slot_sets(out, 0, list(range(out.xyz.shape[1])), seen)
                     pred = render_set(gs, self.prompts, self.head, tgt_views, soft_prune=False, generator=None,
                                       backend=self.cfg.render_backend, hard_prune=True).clamp(0, 1)
                     tgt = tgt_views.targets.permute(0, 2, 3, 1)

@@ -21,6 +21,7 @@ from engine.fusion import AvatarVersion
 from engine.refine import RefineConfig, RefineFrames, RefineSession
 from engine.types import Cameras, FlameParams
 from fastavatar_stream.frames import FlameFit, TrackedFrame, Window
+from fastavatar_stream.prepare import PreparedFrame
 from fastavatar_stream.session import RefineSample, Session
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,21 @@ def flame_params(fits: list[FlameFit], n_shape: int, n_expression: int) -> Flame
                        translation=stack("translation"))
 
 
+def crop_views(frames: list[TrackedFrame], prepared: list[PreparedFrame], model: AvatarModel,
+               size: int) -> tuple[Cameras, FlameParams]:
+    """Cameras of the model-size crops (`prepared`, intrinsics in pixels of `size`) of tracked `frames`, and their
+    FLAME parameters padded to the model's prompt directions."""
+    cams = Cameras(torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames]),
+                   torch.stack([torch.from_numpy(np.asarray(p.K, np.float32)) for p in prepared]), size, size)
+    prompts = model.prompts
+    params = flame_params([f.flame for f in frames], prompts.shapedirs.shape[-1], prompts.exprdirs.shape[-1])
+    return cams, params
+
+
 def refine_frames(samples: list[RefineSample], model: AvatarModel) -> RefineFrames:
     """Model-size crops of kept frames with their cameras, FLAME parameters and head-region masks."""
     images = torch.stack([torch.from_numpy(s.prepared.image).permute(1, 2, 0) for s in samples]).float()
-    size = images.shape[1]
-    cams = Cameras(torch.stack([torch.from_numpy(np.asarray(s.frame.viewmat, np.float32)) for s in samples]),
-                   torch.stack([torch.from_numpy(np.asarray(s.prepared.K, np.float32)) for s in samples]),
-                   size, size)
-    prompts = model.prompts
-    params = flame_params([s.frame.flame for s in samples], prompts.shapedirs.shape[-1],
-                          prompts.exprdirs.shape[-1])
+    cams, params = crop_views([s.frame for s in samples], [s.prepared for s in samples], model, images.shape[1])
     frames = RefineFrames(images, cams, params, background=torch.ones(3))
     frames.masks = head_masks(model, frames)
     return frames
@@ -210,12 +216,7 @@ class EngineWorker(threading.Thread):
 
     def _point_features(self, session: Session, frames: list[TrackedFrame], images: torch.Tensor) -> torch.Tensor:
         """What each window frame's crop shows of each point prompt, from its tracked FLAME fit and crop camera."""
-        prompts = self.model.prompts
-        size = images.shape[-1]
-        cams = Cameras(torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames]),
-                       torch.stack([torch.from_numpy(np.asarray(session.prepared(f).K, np.float32)) for f in frames]),
-                       size, size)
-        params = flame_params([f.flame for f in frames], prompts.shapedirs.shape[-1], prompts.exprdirs.shape[-1])
+        cams, params = crop_views(frames, [session.prepared(f) for f in frames], self.model, images.shape[-1])
         return self.model.point_features(images.float(), cams, params)
 
     def _guidance(self, frames: list[TrackedFrame]) -> dict[str, torch.Tensor]:
