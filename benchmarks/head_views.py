@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from engine.render import render
-    from engine.synthetic import HeadGenerator
+    from engine.train.synthetic import HeadGenerator
     from engine.types import Cameras, look_at, intrinsics_from_fov
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

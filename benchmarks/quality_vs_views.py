@@ -63,7 +63,7 @@ CONTROL_ROW = "full_equal_budget"
 class Case:
     """One test view group: the sample, its held-out target views and the ordered candidate inputs."""
 
-    sample: object                    # engine.samples.HeadSample
+    sample: object                    # engine.train.samples.HeadSample
     targets: object                   # HeadSample of the target views
     order: list[int]                  # view indices usable as inputs, in the order they are taken
     sampler: str
@@ -72,7 +72,7 @@ class Case:
 
 
 def make_cases(head, seed: int, identities: int, resolution: int, pool: int, backend: str) -> list[Case]:
-    from engine.synthetic import SyntheticConfig, make_dataset
+    from engine.train.synthetic import SyntheticConfig, make_dataset
 
     n_views = N_TARGETS + MAX_INPUTS
     cfg = SyntheticConfig(n_views=n_views, background="plain", max_cameras=n_views)
@@ -116,7 +116,7 @@ class Evaluator:
         self.fusion = fusion
 
     def _forward(self, case: Case, inputs: list[int], pool: torch.Tensor | None):
-        from engine.training import forward_views, slot_sets
+        from engine.train.trainer import forward_views, slot_sets
 
         pool_images = pool[None] if pool is not None else None
         out, seen = forward_views(self.network, self.network.cfg, case.sample, inputs, self.prompts, self.head,
@@ -124,7 +124,7 @@ class Evaluator:
         return slot_sets(out, 0, list(range(out.xyz.shape[1])), seen)
 
     def render(self, gs, case: Case) -> torch.Tensor:
-        from engine.training import render_set
+        from engine.train.trainer import render_set
 
         return render_set(gs, self.prompts, self.head, case.targets, soft_prune=False, generator=None,
                           backend=self.backend).clamp(0, 1)

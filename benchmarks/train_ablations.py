@@ -52,7 +52,7 @@ VARIANTS: dict[str, Variant] = {
 
 def base_config(args: argparse.Namespace):
     """The shared recipe (the shipped default's, see benchmarks/train_default.py) at this run's budget."""
-    from engine.training import TrainConfig
+    from engine.train.trainer import TrainConfig
 
     return TrainConfig(model=args.config, data="synthetic", steps=args.steps, resolution=args.resolution,
                        seed=args.seed, n_identities=500, sampler="mixed", background="mixed", n_views=20,
@@ -79,7 +79,7 @@ def steps_done(folder: Path) -> int:
 
 def train_variant(name: str, args: argparse.Namespace, head=None) -> dict:
     """Train (or resume, or skip) one variant into OUT/name; returns its summary."""
-    from engine.training import STATE_FILE, Trainer
+    from engine.train.trainer import STATE_FILE, Trainer
 
     folder = Path(args.out) / name
     done = steps_done(folder)

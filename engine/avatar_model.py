@@ -60,7 +60,7 @@ class AvatarModel:
         """Side of the square input crop as a multiple of the 68-landmark box (sqrt of its area).
 
         The framing a model was trained with is part of its input convention: our synthetic training views have
-        a median of 2.8 (10th-90th percentile 2.6-3.1, measured on engine.synthetic samples), which is the default;
+        a median of 2.8 (10th-90th percentile 2.6-3.1, measured on engine.train.synthetic samples), which is the default;
         a checkpoint may record its own as `crop_scale`.
         """
         return float(self.metadata.get("crop_scale", DEFAULT_CROP_SCALE))

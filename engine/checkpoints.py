@@ -22,6 +22,7 @@ import torch
 from engine.errors import InputError
 from engine.model.config import ModelConfig, get_config
 from engine.model.lgrt import LGRT
+from engine.official_geometry import GEOMETRY_KEYS, resolve_official_geometry
 
 #: official key prefix -> our module prefix (inner names are identical on both sides)
 OFFICIAL_PREFIX_MAP: tuple[tuple[str, str], ...] = (
@@ -38,8 +39,6 @@ OFFICIAL_PREFIX_MAP: tuple[tuple[str, str], ...] = (
 
 #: FLAME geometry buffers we use when the file has them (SPEC.md §9), returned by `load_official`
 GEOMETRY_PREFIX = "renderer.flame_model."
-GEOMETRY_KEYS = ("v_template", "shapedirs", "J_regressor", "parents", "lbs_weights", "faces_up", "v_template_up",
-                 "lbs_weights_up", "shapedirs_up")
 
 #: entries SPEC.md §9 lists as unused at inference (region masks, landmark embedding, pose correctives),
 #: plus Meta's DINOv2 `mask_token` (masked-training only)
@@ -196,8 +195,6 @@ def load_official(path: str | Path, *, dinov2_path: str | Path | None = None, co
     If every qk-RMSNorm gain is exactly 1 the weights were trained without qk-norm (diffusers < 0.31), so the
     model is built with `qk_norm=False` (SPEC.md §6).
     """
-    from engine.official_geometry import resolve_official_geometry
-
     path = Path(path)
     mapped = map_official_state_dict(_load_tensors(path))
     if mapped.unexpected:

@@ -1,6 +1,6 @@
 """The head model: one `HeadModel` over smplx's real FLAME layer.
 
-`load_head()` gives the embedded default head (a FLAME-format model made by `engine.head_builder`,
+`load_head()` gives the embedded default head (a FLAME-format model made by `engine.train.head_builder`,
 shipped in engine/data/default_head). `load_head(path, landmark_path)` loads a user's FLAME 2020 or
 FLAME 2023 model (`generic_model.pkl`, `flame2023.pkl`: chumpy pickles) and a landmark embedding;
 those files are never shipped nor downloaded.
@@ -183,7 +183,7 @@ def _load_default(landmark_path, n_shape, n_expression, dtype) -> HeadModel:
     model = DEFAULT_HEAD_DIR / DEFAULT_MODEL_FILE
     if not model.is_file():
         raise InputError(f"embedded head model missing: {model}; regenerate it with "
-                         f"`python -m engine.head_builder --out {DEFAULT_HEAD_DIR}`")
+                         f"`python -m engine.train.head_builder --out {DEFAULT_HEAD_DIR}`")
     with np.load(model) as data:
         meaningful_s, meaningful_e = int(data["n_shape"]), int(data["n_expression"])
         shape_names = [str(x) for x in data["shape_names"]]

@@ -33,6 +33,10 @@ import torch
 from engine.errors import InputError
 from engine.types import FlameParams
 
+#: FLAME geometry buffers used when an official weights file has them (SPEC.md §9)
+GEOMETRY_KEYS = ("v_template", "shapedirs", "J_regressor", "parents", "lbs_weights", "faces_up", "v_template_up",
+                 "lbs_weights_up", "shapedirs_up")
+
 FLAME_VERTICES = 5023
 N_SHAPE = 300
 N_EXPRESSION = 100
@@ -312,8 +316,6 @@ def resolve_official_geometry(file_geometry: dict[str, torch.Tensor], flame_path
     them present the assets are not needed. Otherwise the buffers are rebuilt from `flame_path` + `oral_mesh_path`
     and any the file does hold replace the rebuilt ones. Neither -> InputError naming what is missing.
     """
-    from engine.checkpoints import GEOMETRY_KEYS
-
     missing = [k for k in GEOMETRY_KEYS if k not in file_geometry]
     if not missing:
         return dict(file_geometry), "file"

@@ -293,7 +293,7 @@ def test_missing_user_files_raise_one_clear_line(tmp_path, head):
 
 @pytest.mark.slow
 def test_shipped_head_matches_its_generator(tmp_path):
-    from engine.head_builder import build_head, write_head
+    from engine.train.head_builder import build_head, write_head
 
     write_head(build_head(), tmp_path)
     for name in ("FLAME_NEUTRAL.npz", "landmarks_68.npz"):

@@ -9,7 +9,7 @@ import torch
 
 from engine.checkpoints import ours_to_official
 from engine.model import MICRO, build_model
-from engine.parity import forward_golden
+from engine.train.parity import forward_golden
 
 TOLERANCE = 1e-4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.training import TrainConfig, Trainer
+from engine.train.trainer import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = REPO / "benchmarks" / "quality_vs_views.py"

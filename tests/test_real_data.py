@@ -10,8 +10,8 @@ import torch
 
 from engine.errors import InputError
 from engine.losses import project_points
-from engine.real_data import RealCaptureDataset, find_sequences, load_views
-from engine.samples import collate_samples
+from engine.train.real_data import RealCaptureDataset, find_sequences, load_views
+from engine.train.samples import collate_samples
 
 SIZE = 32
 FOCAL = 40.0

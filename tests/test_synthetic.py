@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.errors import InputError
-from engine.samples import HeadSample, collate_samples
-from engine.synthetic import SPLIT_BASE, SyntheticConfig, make_dataset
+from engine.train.samples import HeadSample, collate_samples
+from engine.train.synthetic import SPLIT_BASE, SyntheticConfig, make_dataset
 
 RES = 48
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-from engine.training import Trainer, TrainConfig
+from engine.train.trainer import Trainer, TrainConfig
 
 
 def small_config(**changes) -> TrainConfig:
@@ -112,7 +112,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
 def test_cli_trains_and_writes_a_checkpoint(tmp_path, monkeypatch):
     from fastavatar_stream.cli import main
 
-    import engine.training as training
+    import engine.train.trainer as training
 
     original = training.TrainConfig
 
@@ -156,7 +156,7 @@ def test_fine_tuning_starts_from_a_checkpoint_without_point_guidance(head, tmp_p
 
 @pytest.mark.parametrize("fusion", ["visibility", "concat"])
 def test_fused_training_renders_carry_view_weights_only_with_visibility_fusion(head, tmp_path, monkeypatch, fusion):
-    import engine.training as training
+    import engine.train.trainer as training
 
     weighted = []
     real = training.render_set

@@ -1,4 +1,4 @@
-"""`fastavatar-stream train`: train an LGRT config on synthetic heads or tracked captures (engine.training)."""
+"""`fastavatar-stream train`: train an LGRT config on synthetic heads or tracked captures (engine.train.trainer)."""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +58,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def build_train_config(args: argparse.Namespace):
-    from engine.training import TrainConfig
+    from engine.train.trainer import TrainConfig
 
     cfg = TrainConfig(model=args.config, data=args.data, steps=args.steps, batch=args.batch, seed=args.seed)
     for attr, name in (("lr", "lr"), ("resolution", "resolution"), ("val_every", "val_every"),
@@ -81,7 +81,7 @@ def build_train_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from engine.model import get_config
-    from engine.training import Trainer, init_distributed
+    from engine.train.trainer import Trainer, init_distributed
 
     try:
         get_config(args.config)

@@ -1,6 +1,6 @@
 """Generator of the embedded default head: a FLAME-format model that smplx loads unchanged.
 
-    python -m engine.head_builder --out engine/data/default_head
+    python -m engine.train.head_builder --out engine/data/default_head
 
 Writes `FLAME_NEUTRAL.npz` (smplx's FLAME keys: v_template, f, shapedirs with 300 shape + 100
 expression columns, posedirs (all zero: no pose correctives), J_regressor, weights, kintree_table,
@@ -84,7 +84,7 @@ def write_head(assets: HeadAssets, out_dir: Path) -> list[Path]:
                         lmk_b_coords=assets.lmk_b_coords.astype(np.float64))
     meta = out_dir / "metadata.json"
     meta.write_text(json.dumps({
-        "made_by": "python -m engine.head_builder --out <dir> (engine/head_builder, deterministic)",
+        "made_by": "python -m engine.train.head_builder --out <dir> (engine/train/head_builder, deterministic)",
         "reference": "MediaPipe canonical face mesh (Apache-2.0) for the face's proportions",
         "format": "smplx FLAME npz layout: 300 shape + 100 expression columns; unused columns are zero",
         "vertices": int(n_v), "faces": int(len(assets.faces)),

@@ -1,4 +1,4 @@
-"""python -m engine.head_builder --out engine/data/default_head"""
+"""python -m engine.train.head_builder --out engine/data/default_head"""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,9 @@ from . import build_head, write_head
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.head_builder",
+    parser = argparse.ArgumentParser(prog="python -m engine.train.head_builder",
                                      description="Generate the embedded default FLAME-format head model.")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "default_head")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "data" / "default_head")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = write_head(build_head(), args.out)

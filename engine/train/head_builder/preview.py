@@ -1,6 +1,6 @@
 """Render a head mesh from 4 views to a PNG with a small numpy z-buffer and Lambert shading.
 
-    python -m engine.head_builder.preview [--head DIR] [--out /tmp/head_preview.png]
+    python -m engine.train.head_builder.preview [--head DIR] [--out /tmp/head_preview.png]
         [--jaw 0.3] [--expression NAME=VALUE ...] [--weights]
 
 For eyeballing the generated default head; not used by the engine.

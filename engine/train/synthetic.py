@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InputError
-from engine.samples import HeadSample, collate_samples
+from engine.train.samples import HeadSample, collate_samples
 from engine.types import Cameras, FlameParams, intrinsics_from_fov, look_at
 
 SPLIT_BASE = {"train": 0, "validation": 1_000_000, "test": 2_000_000}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from engine import losses as L
 from engine.errors import InputError
 from engine.gaussians import GaussianSet
-from engine.samples import HeadSample
+from engine.train.samples import HeadSample
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class Trainer:
     def _datasets(self):
         cfg = self.cfg
         if cfg.data == "synthetic":
-            from engine.synthetic import SyntheticConfig, make_dataset
+            from engine.train.synthetic import SyntheticConfig, make_dataset
 
             train = make_dataset(cfg.seed, "train", cfg.n_identities, cfg.sampler, cfg.resolution,
                                  groups_per_identity=cfg.groups_per_identity, head=self.head,
@@ -327,7 +327,7 @@ class Trainer:
                                     config=val_cfg, render_backend=cfg.render_backend)
                     for s in ("video", "multiview")}
             return train, vals
-        from engine.real_data import RealCaptureDataset, find_sequences
+        from engine.train.real_data import RealCaptureDataset, find_sequences
 
         persons = sorted({s.person for s in find_sequences(cfg.data)})
         n_val = max(1, len(persons) // 10) if len(persons) > 1 else 0

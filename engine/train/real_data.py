@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InputError
-from engine.samples import HeadSample
+from engine.train.samples import HeadSample
 from engine.types import Cameras, FlameParams
 
 _GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
