@@ -116,12 +116,11 @@ class Evaluator:
         self.fusion = fusion
 
     def _forward(self, case: Case, inputs: list[int], pool: torch.Tensor | None):
-        from engine.train.trainer import forward_views, slot_sets
+        from engine.train.trainer import forward_views, slot_set
 
-        pool_images = pool[None] if pool is not None else None
         out, seen = forward_views(self.network, self.network.cfg, case.sample, inputs, self.prompts, self.head,
-                                  self.fusion, pool_images)
-        return slot_sets(out, 0, list(range(out.xyz.shape[1])), seen)
+                                  self.fusion, pool)
+        return slot_set(out, list(range(out.xyz.shape[1])), seen)
 
     def render(self, gs, case: Case) -> torch.Tensor:
         from engine.train.trainer import render_set

@@ -16,6 +16,7 @@ from engine.errors import InputError
 from engine.fusion import POOL_FRAME
 from engine.gaussians import GaussianSet
 from engine.model.lgrt import LGRT
+from engine.reconstruct import Views, forward, network_inputs, slot_sets
 
 log = logging.getLogger(__name__)
 
@@ -132,42 +133,20 @@ class AvatarModel:
             beta[0, : shape.numel()] = shape
         return self.prompts.canonical(beta)[0]
 
-    def point_features(self, images: torch.Tensor, cameras, params) -> torch.Tensor:
-        """(N,P,F) projected point-prompt features of N frames (what the network's point guidance takes):
-        images (N,3,S,S) in [0,1], Cameras with intrinsics in pixels of S, FlameParams with N rows."""
-        from engine.prompt_views import point_features
-
-        return point_features(self.prompts, self.head, params, cameras, images)
-
     @torch.inference_mode()
-    def window_gaussians(self, images: torch.Tensor, frame_ids: list[int], shape: torch.Tensor | None = None,
-                         pool: torch.Tensor | None = None, guidance: dict | None = None,
-                         point_features: torch.Tensor | None = None,
-                         fusion: str = "visibility") -> list[GaussianSet]:
-        """One window -> one GaussianSet per base frame (tagged with its frame id) + the FramePack slot.
+    def window_gaussians(self, views: Views, frame_ids: list[int], shape: torch.Tensor | None = None,
+                         pool: torch.Tensor | None = None, fusion: str = "visibility") -> list[GaussianSet]:
+        """One window -> one GaussianSet per base frame (tagged with its frame id) + the FramePack slot (POOL_FRAME).
 
-        images (N,3,S,S) in [0,1] with N <= 16 base frames; pool (F,3,S,S) or None; point_features (N,P,F) from
-        `point_features` (required when the network has point guidance or `fusion` is "visibility").
-        fusion "visibility": every set carries `seen` (engine.fusion.view_weights; the FramePack slot UNSEEN), so
-        the fused avatar weighs each anchor's copies by how squarely their frames saw it; "concat": no weights.
+        views: N <= 16 base views (engine.reconstruct.Views: crops in [0,1], crop cameras, FLAME rows); pool
+        (F,3,S,S) or None. fusion "visibility": every set carries `seen` (engine.fusion.view_weights; the FramePack
+        slot UNSEEN), so the fused avatar weighs each anchor's copies by how squarely their frames saw it;
+        "concat": no weights.
         """
-        from engine.fusion import check_fusion, slot_view_weights
-        from engine.reconstruct import reconstruct
-
-        if images.shape[0] != len(frame_ids):
-            raise ValueError(f"{images.shape[0]} images but {len(frame_ids)} frame ids")
-        if check_fusion(fusion) == "visibility" and point_features is None:
-            raise ValueError("visibility fusion needs the window's point features (AvatarModel.point_features)")
-        points = self.canonical_points(shape).to(self.device)
-        net_features = point_features if self.network.cfg.point_guidance else None
-        slots = reconstruct(self.network, images, points, pool, guidance, net_features)
-        anchors = torch.arange(points.shape[0])
-        seen = slot_view_weights(point_features.cpu(), len(slots)) if fusion == "visibility" else None
-        sets = []
-        for i, slot in enumerate(slots):
-            frame = frame_ids[i] if i < len(slots) - 1 else POOL_FRAME
-            sets.append(GaussianSet.from_activated(
-                anchor=anchors, offset=slot["offset"].cpu(), rotation=slot["rotation"].cpu(),
-                scale=slot["scale"].cpu(), opacity=slot["opacity"].cpu(), color=slot["rgb"].cpu(),
-                importance=slot["importance"].cpu(), frame=frame, seen=None if seen is None else seen[i]))
-        return sets
+        if len(views) != len(frame_ids):
+            raise ValueError(f"{len(views)} views but {len(frame_ids)} frame ids")
+        inputs = network_inputs(self.network.cfg, self.prompts, self.head, views, fusion)
+        output = forward(self.network, views.images, self.canonical_points(shape), inputs, pool)
+        slots = list(range(output.n_slots))
+        sets = slot_sets(output, slots, list(frame_ids[: len(slots) - 1]) + [POOL_FRAME], inputs.seen)
+        return [s.to("cpu") for s in sets]

@@ -60,7 +60,7 @@ def check_fusion(fusion: str) -> str:
 
 
 @dataclass
-class AvatarVersion:
+class AvatarState:
     """One published state of a session avatar (engine side; the daemon adds the session id)."""
 
     version: int
@@ -92,7 +92,7 @@ class IncrementalFuser:
     def avatar(self) -> GaussianSet:
         return self._avatar
 
-    def add_window(self, slots: list[GaussianSet], shape: torch.Tensor | None = None) -> AvatarVersion:
+    def add_window(self, slots: list[GaussianSet], shape: torch.Tensor | None = None) -> AvatarState:
         """Fold one window: `slots` are the per-frame sets (frame ids inside each set) and optionally the pool set
         (frame id POOL_FRAME). Returns the new version."""
         slots = [self._with_uids(s.detach()) for s in slots if len(s)]
@@ -112,7 +112,7 @@ class IncrementalFuser:
             self._shape = shape.detach().clone()
         return self._publish({"fused": before, "kept": len(self._avatar), "new_frames": sorted(new_frames)})
 
-    def replace(self, gaussians: GaussianSet, stats: dict | None = None) -> AvatarVersion:
+    def replace(self, gaussians: GaussianSet, stats: dict | None = None) -> AvatarState:
         """Install a refined avatar (same frames, uids kept); pruned to the budget like any other version."""
         self._avatar = self._with_uids(gaussians.detach()).prune(float("-inf"), self.budget)
         return self._publish(dict(stats or {}, kept=len(self._avatar)))
@@ -126,12 +126,12 @@ class IncrementalFuser:
         self._next_uid += n
         return gaussians
 
-    def current(self) -> AvatarVersion:
-        return AvatarVersion(self._version, self._avatar, self._shape, self._frames(), {})
+    def current(self) -> AvatarState:
+        return AvatarState(self._version, self._avatar, self._shape, self._frames(), {})
 
     def _frames(self) -> list[int]:
         return sorted(f for f in torch.unique(self._avatar.frame).tolist() if f != POOL_FRAME)
 
-    def _publish(self, stats: dict) -> AvatarVersion:
+    def _publish(self, stats: dict) -> AvatarState:
         self._version += 1
-        return AvatarVersion(self._version, self._avatar, self._shape, self._frames(), stats)
+        return AvatarState(self._version, self._avatar, self._shape, self._frames(), stats)

@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # imported for annotations only: engine.head/prompts import t
 
 MIN_SCALE = 1e-9
 #: a copy of an anchor is pruned once another frame saw that anchor at least twice as well (relative `seen` < 0.5):
-#: on held-out heads this keeps ~48 % of a 16-frame avatar's Gaussians and gains ~0.2 dB (benchmarks/RESULTS.md)
+#: such a copy adds little and its removal bounds the avatar near one well-seen copy per anchor
+#: (the kept fraction and its effect on quality: benchmarks/RESULTS.md)
 PRUNE_RELATIVE_SEEN = 0.5
 
 

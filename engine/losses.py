@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.reconstruct import logistic_noise
+
 log = logging.getLogger(__name__)
 
 OFFSET_MARGIN = 0.05625  # metres; official v2 offset regularizer threshold
@@ -203,9 +205,7 @@ def soft_prune_opacity(opacity: torch.Tensor, importance: torch.Tensor,
     The logistic sample is the difference of two Gumbel samples, i.e. the binary Gumbel-softmax relaxation the paper
     cites. Shapes: opacity and importance (...,), same shape.
     """
-    u = torch.rand((2,) + tuple(importance.shape), generator=generator, dtype=torch.float32)
-    u = u.to(importance.device)
-    noise = -torch.log(torch.log(u[0] + 1e-10) / torch.log(u[1] + 1e-10) + 1e-10)
+    noise = logistic_noise(importance.shape, generator).to(importance.device)
     return opacity * torch.sigmoid(importance + noise.to(importance.dtype))
 
 

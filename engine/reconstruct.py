@@ -1,4 +1,8 @@
-"""From a window of frames to per-slot Gaussians: model call, slot decoding and pruning rules.
+"""One path between views of a head and the LGRT: the network's inputs from images, cameras and FLAME fits, the
+network call, per-slot GaussianSets from its outputs, and the pruning rules.
+
+The daemon (`AvatarModel.window_gaussians`), the trainer, validation and the benchmarks all go through
+`network_inputs` -> `forward` -> `slot_sets`, so a change to what the network takes is made once.
 
 Pruning (SPEC.md §8). The official network samples Logistic(0,1) noise L per Gaussian and either scales
 opacity by sigmoid(importance + L) (train mode, "soft"; what the released demo does because it never calls
@@ -7,12 +11,18 @@ deterministic, so our default is **hard: keep iff importance > 0**, i.e. the noi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from engine.fusion import check_fusion, slot_view_weights
+from engine.gaussians import GaussianSet
+from engine.model.config import ModelConfig
 from engine.model.gs_head import GaussianHeadOutput
 from engine.model.lgrt import LGRT
+from engine.prompt_views import point_features
+from engine.types import Cameras, FlameParams
 
 PruneMode = Literal["hard", "soft", "stochastic"]
 
@@ -42,42 +52,93 @@ def prune_mask(importance_logit: torch.Tensor, mode: PruneMode = "hard",
     return torch.sigmoid(noisy) if mode == "soft" else noisy > 0
 
 
-def decode_slots(output: GaussianHeadOutput, batch_index: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Split one batch item of the model output into S per-slot dicts (base frames first, FramePack slot last).
+@dataclass
+class Views:
+    """N views of one head, the network's base frames.
 
-    Each dict: offset (P,3), rotation wxyz (P,4), scale (P,3) linear, opacity (P,), rgb (P,3), importance (P,)
-    logit, xyz (P,3) canonical point + offset. Ready for `GaussianSet.from_activated(color=d["rgb"], ...)`.
+    images:  (N,3,S,S) RGB in [0,1]
+    cameras: N cameras, intrinsics in pixels of S
+    params:  FlameParams with N rows (shape/expression as wide as the point prompts' directions)
     """
-    slots = []
-    for s in range(output.n_slots):
-        pick = lambda t: t[batch_index, s]  # noqa: E731
-        slots.append({
-            "offset": pick(output.offset),
-            "rotation": pick(output.rotation),
-            "scale": pick(output.scale),
-            "opacity": pick(output.opacity)[:, 0],
-            "rgb": pick(output.rgb),
-            "importance": pick(output.importance)[:, 0],
-            "xyz": pick(output.xyz),
-        })
-    return slots
+
+    images: torch.Tensor
+    cameras: Cameras
+    params: FlameParams
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def first(self, n: int) -> "Views":
+        return Views(self.images[:n], self.cameras.index(slice(0, n)), self.params.index(slice(0, n)))
 
 
-@torch.inference_mode()
-def reconstruct(model: LGRT, frames: torch.Tensor, points: torch.Tensor, pool: torch.Tensor | None = None,
-                guidance: dict[str, torch.Tensor] | None = None,
-                point_features: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
-    """Per-slot Gaussians for one window (batch of one).
+@dataclass
+class NetworkInputs:
+    """What the LGRT takes for N base views besides images, points and the FramePack pool, and how the slots it
+    returns are weighed in fusion.
 
-    frames: (N,3,H,W) RGB in [0,1], N >= 1 (unordered; frames 16.. are pooled); points: (P,3) canonical
-    prompts; pool: (F,3,H,W) extra frames for FramePack or None; guidance: per-frame tensors with a leading N;
-    point_features: (N,P,F) projected point features (models with point guidance; engine.prompt_views).
-    Returns min(N,16)+1 slot dicts (see `decode_slots`), on the model's device, float32.
+    guidance:       camera (N,4,4), expression (N,E), pose (N,15), or None (network without the guidance token)
+    point_features: (N,P,F) projected point features, or None (network without point guidance)
+    seen:           (N+1,P) view weights of every slot (FramePack slot last) for visibility fusion, or None
     """
-    device = next(model.parameters()).device
-    frames = frames.to(device)[None]
-    pool_b = None if pool is None or pool.shape[0] == 0 else pool.to(device)[None]
-    guid = None if guidance is None else {k: v.to(device)[None] for k, v in guidance.items()}
-    feats = None if point_features is None else point_features.to(device)[None]
-    output = model(frames, points.to(device), pool_images=pool_b, guidance=guid, point_features=feats)
-    return decode_slots(output)
+
+    guidance: dict[str, torch.Tensor] | None
+    point_features: torch.Tensor | None
+    seen: torch.Tensor | None
+
+
+def guidance_inputs(views: Views, expression_dim: int) -> dict[str, torch.Tensor]:
+    """The guidance token's inputs (paper eq. 2) per view: camera (N,4,4) world-to-camera, expression (N,E) zero-padded
+    or truncated to `expression_dim`, pose (N,15) = global, neck, jaw, eyes axis-angles."""
+    params = views.params
+    expression = params.expression[:, :expression_dim]
+    if expression.shape[1] < expression_dim:
+        expression = torch.nn.functional.pad(expression, (0, expression_dim - expression.shape[1]))
+    pose = torch.cat([params.rotation, params.neck, params.jaw, params.eyes], dim=-1)
+    return {"camera": views.cameras.viewmats, "expression": expression, "pose": pose}
+
+
+def network_inputs(cfg: ModelConfig, prompts, head, views: Views, fusion: str = "visibility") -> NetworkInputs:
+    """The inputs `cfg`'s network takes for `views` (only the first cfg.max_base_frames are base frames), and the
+    slots' view weights when `fusion` is "visibility" (engine.fusion)."""
+    base = views.first(cfg.max_base_frames)
+    weighted = check_fusion(fusion) == "visibility"
+    features = (point_features(prompts, head, base.params, base.cameras, base.images)
+                if cfg.point_guidance or weighted else None)
+    return NetworkInputs(
+        guidance=guidance_inputs(base, cfg.guidance_expr_dim) if cfg.guidance else None,
+        point_features=features if cfg.point_guidance else None,
+        seen=slot_view_weights(features, len(base) + 1) if weighted else None)
+
+
+def forward(network: LGRT, images: torch.Tensor, points: torch.Tensor, inputs: NetworkInputs,
+            pool: torch.Tensor | None = None) -> GaussianHeadOutput:
+    """The network on one window (batch of one): images (N,3,S,S) in [0,1] (frames 16.. are pooled), points (P,3)
+    canonical prompts, pool (F,3,S,S) extra FramePack frames or None. Returns (1,S,P,k) fields, S = min(N,16)+1,
+    on the network's device; gradients flow unless the caller disables them."""
+    device = next(network.parameters()).device
+    batch = lambda t: None if t is None else t.to(device)[None]  # noqa: E731
+    guidance = None if inputs.guidance is None else {k: batch(v) for k, v in inputs.guidance.items()}
+    pool = None if pool is None or pool.shape[0] == 0 else pool
+    return network(batch(images), points.to(device), pool_images=batch(pool), guidance=guidance,
+                   point_features=batch(inputs.point_features))
+
+
+def slot_sets(output: GaussianHeadOutput, slots: list[int], frame_ids: list[int],
+              seen: torch.Tensor | None = None, batch_index: int = 0) -> list[GaussianSet]:
+    """One canonical GaussianSet per chosen slot of batch item `batch_index`, tagged with `frame_ids` (one per slot).
+
+    seen: (S,P) view weights of every slot of `output` (NetworkInputs.seen) for visibility fusion, or None.
+    Each set has P Gaussians, anchor i on point prompt i; they stay on the output's device with its gradients.
+    """
+    if len(slots) != len(frame_ids):
+        raise ValueError(f"{len(slots)} slots but {len(frame_ids)} frame ids")
+    anchors = torch.arange(output.xyz.shape[2], device=output.xyz.device)
+    sets = []
+    for slot, frame in zip(slots, frame_ids):
+        pick = lambda t: t[batch_index, slot]  # noqa: E731
+        sets.append(GaussianSet.from_activated(
+            anchor=anchors, offset=pick(output.offset), rotation=pick(output.rotation), scale=pick(output.scale),
+            opacity=pick(output.opacity), color=pick(output.rgb), importance=pick(output.importance), frame=frame,
+            seen=None if seen is None else seen[slot].to(output.xyz.device)))
+    return sets

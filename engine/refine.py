@@ -90,10 +90,6 @@ class RefineSession:
             {"params": [self.params["color_logit"]], "lr": c.lr_color},
         ], eps=1e-15)
 
-    def set_avatar(self, gaussians: GaussianSet) -> None:
-        """Start over from a new feed-forward avatar (a new window was fused)."""
-        self._reset(gaussians)
-
     def gaussians(self, detach: bool = True) -> GaussianSet:
         p = self.params
         g = GaussianSet(anchor=self._fixed["anchor"], offset=p["offset"],

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.avatar_model import AvatarModel
 from engine.errors import InputError
-from engine.fusion import AvatarVersion
+from engine.fusion import AvatarState
 from engine.refine import RefineConfig
 from fastavatar_stream.session import Session, SessionOptions
 from fastavatar_stream.worker import EngineWorker
@@ -232,13 +232,13 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     # -- versions (worker thread -> loop) ---------------------------------------------------------------------
-    def _on_version(self, session: Session, version: AvatarVersion, t_capture: float) -> None:
+    def _on_version(self, session: Session, version: AvatarState, t_capture: float) -> None:
         with session.timer.time("to_world"):
             arrays = version.gaussians.to_arrays(self.model.prompts, self.model.head, shape=version.shape)
             uids = version.gaussians.uid.numpy().astype(np.uint32)
         self._loop.call_soon_threadsafe(self._install, session, version, uids, arrays, t_capture)
 
-    def _install(self, session: Session, version: AvatarVersion, uids, arrays, t_capture: float) -> None:
+    def _install(self, session: Session, version: AvatarState, uids, arrays, t_capture: float) -> None:
         buffer = self.buffers[session.id]
         t0 = time.perf_counter()
         buffer.assign(uids, arrays, version.version)

@@ -124,7 +124,7 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dic
 
 def window_log(session: Session) -> dict:
     """Per-window frames and ready -> engine wait, and refinement burst lengths (seconds)."""
-    from fastavatar_stream.queues import percentiles
+    from fastavatar_stream.timing import percentiles
 
     timings = list(session.window_timings)
     bursts = [end - start for start, end in list(session.refine_bursts)]
@@ -179,7 +179,7 @@ def write_preview(model, session: Session, path: Path, size: int = 256) -> Path:
 def evaluate_holdout(model, session: Session, path: Path) -> dict:
     """Render the avatar with each held-out frame's tracked pose and camera; PSNR/SSIM in the head region and
     dlib identity distance where a face is found in both images. Writes real-vs-rendered pairs to `path`."""
-    from fastavatar_stream.worker import refine_frames
+    from fastavatar_stream.views import refine_frames
     from engine.refine import RefineSession
 
     samples = [s for s in session.holdout if s.frame.flame is not None]

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .queues import StageTimer, percentiles
+from .timing import StageTimer, percentiles
 
 
 def json_safe(x):

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.fusion import AvatarVersion, IncrementalFuser
+from engine.fusion import AvatarState, IncrementalFuser
 from fastavatar_stream.frames import TrackedFrame, Window
 from fastavatar_stream.prepare import FramePreparer, PreparedFrame
-from fastavatar_stream.queues import StageTimer
+from fastavatar_stream.timing import StageTimer
 from fastavatar_stream.report import ReplayReport
 from fastavatar_stream.windowing import Windower
 
@@ -36,7 +36,8 @@ class SessionOptions:
     fusion: "visibility" (each copy of an anchor weighs by how squarely its frame saw it) or "concat" (the paper's
       plain concatenation, every copy at its predicted opacity).
     refine_burst_seconds: length of one refinement burst on the engine worker (a ready window waits at most
-      about this long, usually one optimiser step). max_timings: window/burst timing records kept.
+      about this long, usually one optimiser step). refine_pool_size: most tracked frames the refiner fits
+      against (spread over the session). max_timings: window/burst timing records kept.
     """
 
     live: bool = False
@@ -44,7 +45,7 @@ class SessionOptions:
     holdout: int = 0
     refine_seconds: float = 0.0
     refine_burst_seconds: float = 0.25
-    refine_frames: int = 24
+    refine_pool_size: int = 24
     max_frames: int | None = None
     fusion: str = "visibility"
     detector: str = "auto"
@@ -96,7 +97,7 @@ class Session:
         self.timer = StageTimer()
         self.state = "running"
         self.error: str | None = None
-        self.latest: AvatarVersion | None = None
+        self.latest: AvatarState | None = None
         self.windows_done = 0
         self.in_flight = 0  # windows taken by the engine worker and not finished yet
         self.frames_tracked = 0
@@ -218,7 +219,7 @@ class Session:
             for frame in window.frames:
                 if frame.index not in have:
                     self.refine_pool.append(RefineSample(frame.index, _light(frame), self.prepared(frame)))
-            limit = self.options.refine_frames
+            limit = self.options.refine_pool_size
             if len(self.refine_pool) > limit:
                 keep = np.linspace(0, len(self.refine_pool) - 1, limit).round().astype(int)
                 self.refine_pool = [self.refine_pool[i] for i in sorted(set(keep.tolist()))]

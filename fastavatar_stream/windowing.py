@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frames import TrackedFrame, Window
+from .tracking.rotations import rotation_matrix
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,6 @@ _EXPR_W = 0.05       # first expression coefficients (unitless, typically within
 _EXPR_DIMS = 10
 
 
-def _rodrigues(aa: np.ndarray) -> np.ndarray:
-    """(3,) axis-angle -> (3, 3) rotation matrix."""
-    theta = float(np.linalg.norm(aa))
-    if theta < 1e-8:
-        return np.eye(3)
-    k = np.asarray(aa, np.float64) / theta
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(theta) * kx + (1 - np.cos(theta)) * (kx @ kx)
-
-
 def pose_features(frame: TrackedFrame) -> np.ndarray:
     """(F,) coverage features of a usable frame: ~sin(yaw), ~sin(pitch) of the head seen by its camera, jaw
     opening, and the first expression coefficients, scaled so Euclidean distance is meaningful.
@@ -56,7 +47,7 @@ def pose_features(frame: TrackedFrame) -> np.ndarray:
     the viewmat, so monocular fits (motion in the head) and multi-view (motion in the camera) agree.
     """
     fit = frame.flame
-    R = np.asarray(frame.viewmat, np.float64)[:3, :3] @ _rodrigues(fit.rotation) @ _rodrigues(fit.neck)
+    R = np.asarray(frame.viewmat, np.float64)[:3, :3] @ rotation_matrix(fit.rotation) @ rotation_matrix(fit.neck)
     f = R @ np.array([0.0, 0.0, 1.0])
     # sideways and vertical components of the facing direction: ~ sin(yaw), sin(pitch); unlike angles
     # they do not wrap, whichever way the tracker's world axes point along z

@@ -17,69 +17,15 @@ import numpy as np
 import torch
 
 from engine.avatar_model import AvatarModel
-from engine.fusion import AvatarVersion
+from engine.fusion import AvatarState
 from engine.refine import RefineConfig, RefineFrames, RefineSession
-from engine.types import Cameras, FlameParams
-from fastavatar_stream.frames import FlameFit, TrackedFrame, Window
-from fastavatar_stream.prepare import PreparedFrame
-from fastavatar_stream.session import RefineSample, Session
+from fastavatar_stream.frames import Window
+from fastavatar_stream.session import Session
+from fastavatar_stream.views import refine_frames, tracked_views
 
 log = logging.getLogger(__name__)
 
-OnVersion = Callable[[Session, AvatarVersion, float], None]
-
-
-def flame_params(fits: list[FlameFit], n_shape: int, n_expression: int) -> FlameParams:
-    """Stack tracked FLAME fits into FlameParams, zero-padding/truncating shape and expression."""
-    def padded(values: list[np.ndarray], width: int) -> torch.Tensor:
-        out = torch.zeros(len(values), width)
-        for i, v in enumerate(values):
-            v = torch.as_tensor(np.asarray(v, np.float32)).reshape(-1)[:width]
-            out[i, : v.numel()] = v
-        return out
-
-    stack = lambda name: torch.as_tensor(np.stack([getattr(f, name) for f in fits]).astype(np.float32))  # noqa
-    return FlameParams(shape=padded([f.shape for f in fits], n_shape),
-                       expression=padded([f.expression for f in fits], n_expression),
-                       rotation=stack("rotation"), neck=stack("neck"), jaw=stack("jaw"), eyes=stack("eyes"),
-                       translation=stack("translation"))
-
-
-def crop_views(frames: list[TrackedFrame], prepared: list[PreparedFrame], model: AvatarModel,
-               size: int) -> tuple[Cameras, FlameParams]:
-    """Cameras of the model-size crops (`prepared`, intrinsics in pixels of `size`) of tracked `frames`, and their
-    FLAME parameters padded to the model's prompt directions."""
-    cams = Cameras(torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames]),
-                   torch.stack([torch.from_numpy(np.asarray(p.K, np.float32)) for p in prepared]), size, size)
-    prompts = model.prompts
-    params = flame_params([f.flame for f in frames], prompts.shapedirs.shape[-1], prompts.exprdirs.shape[-1])
-    return cams, params
-
-
-def refine_frames(samples: list[RefineSample], model: AvatarModel) -> RefineFrames:
-    """Model-size crops of kept frames with their cameras, FLAME parameters and head-region masks."""
-    images = torch.stack([torch.from_numpy(s.prepared.image).permute(1, 2, 0) for s in samples]).float()
-    cams, params = crop_views([s.frame for s in samples], [s.prepared for s in samples], model, images.shape[1])
-    frames = RefineFrames(images, cams, params, background=torch.ones(3))
-    frames.masks = head_masks(model, frames)
-    return frames
-
-
-@torch.no_grad()
-def head_masks(model: AvatarModel, frames: RefineFrames, radius: float = 0.008) -> torch.Tensor:
-    """(N,H,W,1) soft head-region masks: the posed point prompts splatted as opaque discs."""
-    from engine.gaussians import GaussianSet
-    from engine.render import render
-
-    p = model.prompts.v_template.shape[0]
-    discs = GaussianSet.from_activated(
-        anchor=torch.arange(p), offset=torch.zeros(p, 3), rotation=torch.tensor([[1.0, 0, 0, 0]]).expand(p, 4),
-        scale=torch.full((p, 3), radius), opacity=torch.full((p,), 0.99), color=torch.ones(p, 3),
-        importance=torch.ones(p), frame=0)
-    world = discs.to_world(model.prompts, model.head, frames.params)
-    out = render(world["means"], world["quats"], world["scales"], world["opacities"], world["colors"],
-                 frames.cameras.viewmats, frames.cameras.Ks, frames.cameras.width, frames.cameras.height)
-    return (out["alpha"] > 0.5).float()
+OnVersion = Callable[[Session, AvatarState, float], None]
 
 
 def warm_up_renderer(backend: str = "auto") -> float:
@@ -140,10 +86,6 @@ class EngineWorker(threading.Thread):
             self._stopping = True
             self._wake.notify()
 
-    def idle_for(self, session: Session) -> bool:
-        """True when nothing of this session is waiting for the engine (no ready window)."""
-        return session.oldest_ready() is None
-
     def window_waiting(self) -> bool:
         """True when any session has a window ready for the engine (ends a refinement burst early)."""
         with self._wake:
@@ -193,19 +135,15 @@ class EngineWorker(threading.Thread):
             self.busy_s += time.perf_counter() - start
             session.window_finished()
 
-    def reconstruct_window(self, session: Session, window: Window) -> AvatarVersion:
+    def reconstruct_window(self, session: Session, window: Window) -> AvatarState:
         model = self.model
         with session.timer.time("prepare_window"):
-            images = torch.stack([torch.from_numpy(session.prepared(f).image) for f in window.frames])
+            views = tracked_views(window.frames, [session.prepared(f) for f in window.frames], model)
             pool = (torch.stack([torch.from_numpy(session.prepared(f).image) for f in window.pool])
                     if window.pool else None)
             shape = torch.from_numpy(np.asarray(window.frames[-1].flame.shape, np.float32))
-            guidance = self._guidance(window.frames) if model.network.cfg.guidance else None
-            weighted = session.options.fusion == "visibility"
-            features = (self._point_features(session, window.frames, images)
-                        if model.network.cfg.point_guidance or weighted else None)
         with session.timer.time("engine"):
-            sets = model.window_gaussians(images, [f.index for f in window.frames], shape, pool, guidance, features,
+            sets = model.window_gaussians(views, [f.index for f in window.frames], shape, pool,
                                           fusion=session.options.fusion)
         with session.timer.time("fuse"):
             version = session.fuser.add_window(sets, shape)
@@ -213,19 +151,6 @@ class EngineWorker(threading.Thread):
         session.windows_done += 1
         session.refine_dirty = True
         return version
-
-    def _point_features(self, session: Session, frames: list[TrackedFrame], images: torch.Tensor) -> torch.Tensor:
-        """What each window frame's crop shows of each point prompt, from its tracked FLAME fit and crop camera."""
-        cams, params = crop_views(frames, [session.prepared(f) for f in frames], self.model, images.shape[-1])
-        return self.model.point_features(images.float(), cams, params)
-
-    def _guidance(self, frames: list[TrackedFrame]) -> dict[str, torch.Tensor]:
-        cfg = self.model.network.cfg
-        fits = [f.flame for f in frames]
-        params = flame_params(fits, 1, cfg.guidance_expr_dim)
-        pose = torch.cat([params.rotation, params.neck, params.jaw, params.eyes], dim=-1)
-        camera = torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames])
-        return {"camera": camera, "expression": params.expression, "pose": pose}
 
     def _refine_frames(self, session: Session) -> RefineFrames:
         """The session's refinement targets, rebuilt only when its kept frames changed."""

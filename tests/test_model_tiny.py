@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.model import TINY, build_model
-from engine.reconstruct import decode_slots, prune_mask, reconstruct
+from engine.reconstruct import NetworkInputs, forward, prune_mask, slot_sets
 
 SIDE = TINY.image_size
 PLAIN = TINY.replace(name="tiny-plain", point_guidance=False)
@@ -122,12 +122,21 @@ def test_guidance_token_conditions_the_output(frames, points) -> None:
     assert (a.rotation - b.rotation).abs().max() > 1e-6
 
 
-def test_reconstruct_gives_per_slot_dicts_and_pruning_rules(tiny, frames, points) -> None:
-    slots = reconstruct(tiny, frames[0, :2], points, pool=frames[0, 2:5])
-    assert len(slots) == 3
-    assert {k: tuple(v.shape) for k, v in slots[0].items()} == {
-        "offset": (48, 3), "rotation": (48, 4), "scale": (48, 3), "opacity": (48,), "rgb": (48, 3),
-        "importance": (48,), "xyz": (48, 3)}
+def test_forward_gives_one_set_per_slot_tagged_with_its_frame(tiny, frames, points) -> None:
+    inputs = NetworkInputs(guidance=None, point_features=None, seen=None)
+    with torch.inference_mode():
+        out = forward(tiny, frames[0, :2], points, inputs, pool=frames[0, 2:5])
+    sets = slot_sets(out, [0, 1, 2], [7, 9, -1])
+    assert out.n_slots == 3 and [len(s) for s in sets] == [48, 48, 48]
+    assert [int(s.frame[0]) for s in sets] == [7, 9, -1]
+    assert torch.equal(sets[0].anchor, torch.arange(48))
+    torch.testing.assert_close(sets[2].color, out.rgb[0, 2])
+    torch.testing.assert_close(torch.sigmoid(sets[1].opacity_logit), out.opacity[0, 1, :, 0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="frame ids"):
+        slot_sets(out, [0, 1], [7])
+
+
+def test_pruning_rules() -> None:
     logits = torch.tensor([-2.0, -0.1, 0.0, 0.1, 5.0])
     assert prune_mask(logits).tolist() == [False, False, False, True, True]
     draws = [prune_mask(logits.repeat(2000), "stochastic", torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
@@ -138,13 +147,6 @@ def test_reconstruct_gives_per_slot_dicts_and_pruning_rules(tiny, frames, points
     assert soft.dtype == torch.float32 and ((soft > 0) & (soft < 1)).all()
     with pytest.raises(ValueError, match="pruning mode"):
         prune_mask(logits, "median")
-
-
-def test_decode_slots_follows_slot_order(tiny, frames, points) -> None:
-    with torch.inference_mode():
-        out = tiny(frames[:, :2], points)
-    slots = decode_slots(out)
-    assert torch.equal(slots[2]["rgb"], out.rgb[0, 2]) and torch.equal(slots[0]["opacity"], out.opacity[0, 0, :, 0])
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastavatar_stream.queues import StageTimer
+from fastavatar_stream.timing import StageTimer
 from fastavatar_stream.report import ReplayReport
 
 CONTRACT_KEYS = {"frames_read", "frames_tracked", "frames_dropped", "windows", "versions", "n_gaussians",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastavatar_stream.tracking.flame_fit import (FLAME_TO_OPENCV, FitConfig, HeadPose, LandmarkFitter, PinholeCamera,
-                                                  View, _State, intrinsics_from_fov)
+                                                  View, _State, intrinsics_from_larger_side_fov)
 from fastavatar_stream.tracking.landmark_model import LandmarkModel
 from fastavatar_stream.tracking.rotations import angle_between, axis_angle, rotation_matrix
 from fastavatar_stream.tracking.tracker import head_angles
@@ -27,7 +27,7 @@ def fitter() -> LandmarkFitter:
 
 @pytest.fixture(scope="module")
 def camera() -> PinholeCamera:
-    return PinholeCamera(intrinsics_from_fov(40.0, 512, 512))
+    return PinholeCamera(intrinsics_from_larger_side_fov(40.0, 512, 512))
 
 
 def random_pose(rng, n_expression: int, max_yaw_deg: float = 45.0) -> HeadPose:
@@ -142,7 +142,7 @@ def test_warm_started_sequence_is_smooth_and_fast(fitter, camera):
 def test_multiview_shared_pose_beats_single_view(fitter):
     """Three calibrated cameras, one head pose: the joint fit is more accurate than the frontal view alone."""
     rng = np.random.default_rng(5)
-    K = intrinsics_from_fov(30.0, 512, 512)
+    K = intrinsics_from_larger_side_fov(30.0, 512, 512)
     cams = []
     for yaw in (-40.0, 0.0, 40.0):          # cameras on a circle around a head at the world origin
         R_head = rotation_matrix(np.array([0, math.radians(yaw), 0]))

@@ -171,3 +171,18 @@ def test_an_unknown_fusion_is_a_clear_error(head, tmp_path):
 
     with pytest.raises(InputError, match="unknown fusion"):
         Trainer(small_config(fusion="average"), tmp_path, head=head, progress=False)
+
+
+def test_a_fine_tuned_checkpoint_records_every_stage_that_made_it(head, tmp_path):
+    """The recipe of a checkpoint is written by the trainer: each stage's command, steps and time, the parent's
+    stages first, and the totals summed from them."""
+    first = Trainer(small_config(steps=2), tmp_path / "a", head=head, command="stage a", progress=False)
+    first.fit()
+    second = Trainer(small_config(steps=1, init_from=str(tmp_path / "a")), tmp_path / "b", head=head,
+                     command="stage b", progress=False)
+    second.fit()
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert [(h["command"], h["steps"]) for h in meta["history"]] == [("stage a", 2), ("stage b", 1)]
+    assert meta["history"][1]["init_from"] == str(tmp_path / "a") and meta["history"][0]["init_from"] is None
+    assert meta["steps_total"] == 3
+    assert meta["wall_s_total"] == pytest.approx(sum(h["wall_s"] for h in meta["history"]), abs=0.11)

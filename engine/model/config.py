@@ -111,13 +111,11 @@ OFFICIAL = ModelConfig(name="official")
 #: The paper's model: official sizes plus the eq. 2 guidance token per frame (100 FLAME expressions).
 PAPER = OFFICIAL.replace(name="paper", guidance=True)
 
-#: CPU-sized member of the family: a 16-frame window (+ compressed slot) in well under a second on 2 cores.
-#: Reasoning (fp32, measured on the shared 2-core machine; see benchmarks/RESULTS.md):
+#: CPU-sized member of the family: a 16-frame window (+ compressed slot) in well under a second on 2 cores
+#: (timings in benchmarks/RESULTS.md). Why these sizes:
 #: * cost is dominated by the frame blocks' joint attention over points + image tokens (quadratic in
 #:   n_points + grid^2, repeated for 17 slots and every layer pair) and by the per-token linears, so the
-#:   point count, the width and the grid are the levers. The suggested start (dim 192, 2,048 points, ViT
-#:   192x6: ~190 GFLOP) took ~4.7 s single-threaded per 16-frame window; this config (53.8 GFLOP) takes
-#:   0.65 s on 2 cores, 1.1 s on one (n_points is a run-time knob: 768 points -> 40.9 GFLOP);
+#:   point count, the width and the grid are the levers (n_points is a run-time knob);
 #: * 1,024 query points (a subset of the head's vertices) still cover the face; 168 px input gives a 12x12
 #:   grid (144 tokens per frame);
 #: * encoder: ViT width 128, 4 blocks, 2 heads (head dim 64), fusing all 4 blocks; trained from scratch (no

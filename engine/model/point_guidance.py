@@ -10,9 +10,9 @@ frame's slot gets an embedding of
   - the projected position (normalised to [-1, 1], plus sin/cos features), inside-the-image flag,
   - the facing term cos(normal, direction to the camera) and the depth relative to the head's median depth.
 The Gaussian head also adds `colour_prior_logits` (the colour the frame shows at the point, faded to grey where it
-does not see it) to its colour output, a skip path: measured on the CPU-trained `tiny` of session 1, the network's
-colours hardly depended on its input images at all (swapping the colour channels of the input changed them by 3e-5),
-so it had learned a mean head; the skip makes a slot's colours start from what its frame saw.
+does not see it) to its colour output, a skip path: a small CPU-trained network without it learns a mean head whose
+colours hardly depend on the input images (benchmarks/RESULTS.md); the skip makes a slot's colours start from what
+its frame saw.
 Off in `official` and `paper` (the released weights have no such input); on in `tiny`. The compressed
 (FramePack) slot gets none. The embedding MLP's last layer starts at zero, so only the colour skip changes what a
 checkpoint trained without the option computes.

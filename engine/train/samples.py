@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.reconstruct import Views
 from engine.types import Cameras, FlameParams
 
 
@@ -52,6 +53,11 @@ class HeadSample:
                                           self.cameras.height),
                           flame=self.flame.index(idx), landmarks=self.landmarks[idx], identity=self.identity,
                           sampler=self.sampler)
+
+    def views(self, index: list[int]) -> Views:
+        """Views `index` as the network takes them (engine.reconstruct.Views): input images, cameras, FLAME rows."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.images.device)
+        return Views(self.images[idx], self.cameras.index(idx), self.flame.index(idx))
 
     def to(self, device: torch.device | str) -> "HeadSample":
         return HeadSample(images=self.images.to(device), targets=self.targets.to(device),

@@ -7,9 +7,8 @@ FramePack extras from the remaining views), run the network, then
   are animated with every input and target view's FLAME parameters and rendered with its camera, soft
   stochastic pruning on (SPEC §8, training mode); with `fusion="visibility"` (default) the fused set is
   weighted the way the daemon fuses (engine.fusion: each anchor's copies share its coverage by how squarely their
-  frames saw it); models built with guidance get it from the sample's cameras and FLAME parameters
-  (`sample_guidance`), models with point guidance the projected point features (`sample_point_features`), both
-  through `forward_views`;
+  frames saw it); the network's inputs (guidance, projected point features, view weights) come from the sample's
+  views through the same `engine.reconstruct.network_inputs` the daemon uses (`forward_views`);
 - photometric terms (L1, 1-SSIM, LPIPS if its files are present) of both renders against the plain-background
   targets; landmark tracking loss (engine.losses); offset and pruning regularizers over all slots.
 AdamW (betas 0.9/0.95, weight decay 1e-3 as the official config) with a cosine schedule; bf16 autocast and
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from engine import losses as L
 from engine.errors import InputError
 from engine.gaussians import GaussianSet
+from engine.reconstruct import forward, network_inputs, slot_sets
 from engine.train.samples import HeadSample
 
 log = logging.getLogger(__name__)
@@ -101,39 +101,22 @@ def model_prompts(head, n_points: int, levels: int = 1):
     return full.subset(idx), idx
 
 
-def sample_point_features(sample: HeadSample, index: list[int], prompts, head) -> torch.Tensor:
-    """The projected point-prompt features (engine.model.point_guidance) of views `index`, batch of one:
-    (1,N,P,F) from the views' input images, cameras and FLAME parameters."""
-    from engine.prompt_views import point_features
-
-    views = sample.select(index)
-    return point_features(prompts, head, views.flame, views.cameras, views.images)[None]
-
-
 def forward_views(net, cfg, sample: HeadSample, inputs: list[int], prompts, head, fusion: str,
                   pool_images: torch.Tensor | None = None):
-    """Run `net` (config `cfg`) on views `inputs` of `sample` (batch of one), with the guidance and projected point
-    features the config takes; returns the GaussianHeadOutput and the (S,P) `seen` of its slots when `fusion` is
-    "visibility" (else None), ready for `slot_sets`. pool_images: (1,F,3,H,W) FramePack extras or None."""
-    from engine.fusion import slot_view_weights
-
-    base = inputs[: cfg.max_base_frames]
-    weighted = fusion == "visibility"
-    features = sample_point_features(sample, base, prompts, head) if cfg.point_guidance or weighted else None
-    out = net(sample.images[inputs][None], prompts.canonical(sample.flame.shape[:1]), pool_images=pool_images,
-              guidance=sample_guidance(sample, base) if cfg.guidance else None,
-              point_features=features if cfg.point_guidance else None)
-    seen = slot_view_weights(features[0], out.xyz.shape[1]) if weighted else None
-    return out, seen
+    """Run `net` (config `cfg`) on views `inputs` of `sample` through the runtime's one path
+    (engine.reconstruct.network_inputs -> forward); returns the GaussianHeadOutput (batch of one) and the (S,P)
+    `seen` of its slots when `fusion` is "visibility" (else None), ready for `slot_set`.
+    pool_images: (F,3,H,W) FramePack extras or None."""
+    views = sample.views(inputs)
+    net_inputs = network_inputs(cfg, prompts, head, views, fusion)
+    out = forward(net, views.images, prompts.canonical(sample.flame.shape[:1])[0], net_inputs, pool_images)
+    return out, net_inputs.seen
 
 
-def sample_guidance(sample: HeadSample, index: list[int]) -> dict[str, torch.Tensor]:
-    """The guidance inputs (paper eq. 2) of views `index` of `sample`, batch of one: camera (1,N,4,4)
-    world-to-camera, expression (1,N,E) and pose (1,N,15) = global, neck, jaw, eyes axis-angles."""
-    idx = torch.as_tensor(index, dtype=torch.long, device=sample.images.device)
-    flame = sample.flame.index(idx)
-    pose = torch.cat([flame.rotation, flame.neck, flame.jaw, flame.eyes], dim=-1)
-    return {"camera": sample.cameras.viewmats[idx][None], "expression": flame.expression[None], "pose": pose[None]}
+def slot_set(out, slots: list[int], seen: torch.Tensor | None = None) -> GaussianSet:
+    """The chosen slots of a GaussianHeadOutput (batch item 0) as one canonical set, each Gaussian tagged with its
+    slot index; `seen` as in engine.reconstruct.slot_sets."""
+    return GaussianSet.fuse(slot_sets(out, slots, slots, seen))
 
 
 # -- gradient checkpointing ----------------------------------------------------------------------------------------
@@ -169,23 +152,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
     return count
 
 
-# -- Gaussian sets from network output ------------------------------------------------------------------------------
-def slot_sets(out, b: int, slots: list[int], seen: torch.Tensor | None = None) -> GaussianSet:
-    """Sample b's Gaussians of the given slots of a GaussianHeadOutput ((B,S,P,k) fields) as one canonical set.
-
-    seen: (S,P) view weights of every slot of `out` (`engine.fusion.slot_view_weights`) for a visibility-weighted
-    set, or None.
-    """
-    p = out.xyz.shape[2]
-    sel = lambda t: t[b, slots].reshape(len(slots) * p, -1)  # noqa: E731
-    anchor = torch.arange(p, device=out.xyz.device).repeat(len(slots))
-    frame = torch.tensor(slots, device=out.xyz.device).repeat_interleave(p)
-    return GaussianSet.from_activated(anchor=anchor, offset=sel(out.offset), rotation=sel(out.rotation),
-                                      scale=sel(out.scale), opacity=sel(out.opacity), color=sel(out.rgb),
-                                      importance=sel(out.importance), frame=frame,
-                                      seen=None if seen is None else seen[slots].reshape(-1))
-
-
+# -- rendering -----------------------------------------------------------------------------------------------------
 def render_set(gs: GaussianSet, prompts, head, sample: HeadSample, *, soft_prune: bool,
                generator: torch.Generator | None, backend: str, background: torch.Tensor | None = None,
                hard_prune: bool = False) -> torch.Tensor:
@@ -356,7 +323,7 @@ class Trainer:
         """All loss terms of one sample (the total under "loss")."""
         sample = sample.to(self.device)
         inputs, targets, pool = self._split_views(sample.n_views, gen)
-        pool_images = sample.images[pool][None] if pool else None
+        pool_images = sample.images[pool] if pool else None
         out, seen = forward_views(self.ddp_model, self.model_config, sample, inputs, self.prompts, self.head,
                                   self.cfg.fusion, pool_images)
         n_base = out.xyz.shape[1] - 1
@@ -370,7 +337,7 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         for name, slots in renders:
-            pred = render_set(slot_sets(out, 0, slots, seen), self.prompts, self.head, views, soft_prune=True,
+            pred = render_set(slot_set(out, slots, seen), self.prompts, self.head, views, soft_prune=True,
                               generator=gen, backend=self.cfg.render_backend)
             tgt = views.targets.permute(0, 2, 3, 1)
             img = L.image_losses(pred, tgt, w, self.lpips)
@@ -381,7 +348,7 @@ class Trainer:
                 terms["_pred"], terms["_target"] = pred.detach(), tgt
         # landmark tracking: each base slot's landmark-anchor Gaussians posed and projected into every input view
         if w.track > 0:
-            gs = slot_sets(out, 0, list(range(n_base)))
+            gs = slot_set(out, list(range(n_base)))
             anchor_idx = (torch.arange(n_base, device=self.device)[:, None] * out.xyz.shape[2]
                           + self.anchors[None]).reshape(-1)
             lmk_set = gs.select(anchor_idx)
@@ -458,7 +425,7 @@ class Trainer:
                     inputs = pool[:n]
                     out, seen = forward_views(self.model, self.model_config, sample, inputs, self.prompts,
                                               self.head, self.cfg.fusion)
-                    gs = slot_sets(out, 0, list(range(out.xyz.shape[1])), seen)
+                    gs = slot_set(out, list(range(out.xyz.shape[1])), seen)
                     pred = render_set(gs, self.prompts, self.head, tgt_views, soft_prune=False, generator=None,
                                       backend=self.cfg.render_backend, hard_prune=True).clamp(0, 1)
                     tgt = tgt_views.targets.permute(0, 2, 3, 1)
@@ -493,12 +460,17 @@ class Trainer:
 
     # -- persistence --
     def metadata(self) -> dict:
+        stage = {"command": self.command, "steps": self.step, "wall_s": round(self.wall_s, 1),
+                 "init_from": self.cfg.init_from or None, "validation": self.validation}
+        history = lineage(self.cfg.init_from) + [stage]
         return {"command": self.command, "steps": self.step, "wall_s": round(self.wall_s, 1),
                 "validation": self.validation, "data_seed": self.cfg.seed, "train_config": self.cfg.to_dict(),
                 "loss_weights": self.weights.to_dict(), "world_size": self.world,
                 "prompt_levels": self.cfg.prompt_levels,
                 "point_index": None if self.prompt_indices is None else self.prompt_indices.tolist(),
-                "config": self.model_config.to_dict()}
+                "config": self.model_config.to_dict(), "history": history,
+                "steps_total": sum(int(h.get("steps") or 0) for h in history if isinstance(h, dict)),
+                "wall_s_total": round(sum(float(h.get("wall_s") or 0.0) for h in history if isinstance(h, dict)), 1)}
 
     def save(self) -> None:
         if self.rank != 0:
@@ -567,6 +539,25 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         return {"logs": logs, "validation": self.validation, "loss_history": history, "steps": self.step}
+
+
+def lineage(init_from: str | Path | None) -> list:
+    """The training stages that made the checkpoint in `init_from` (its model.json `history`, or one stage read
+    from its metadata when it has none); [] for a run from scratch. A fine-tuned checkpoint's history is this
+    plus its own stage, so the whole recipe is recorded by the trainer, stage by stage."""
+    import json
+
+    if not init_from:
+        return []
+    meta_path = Path(init_from) / "model.json"
+    if not meta_path.is_file():
+        return [{"init_from": str(init_from), "note": "no model.json: stages before this one are unknown"}]
+    meta = json.loads(meta_path.read_text())
+    if isinstance(meta.get("history"), list):
+        return list(meta["history"])
+    return [{"command": meta.get("command"), "steps": meta.get("steps"), "wall_s": meta.get("wall_s"),
+             "init_from": (meta.get("train_config") or {}).get("init_from") or None,
+             "validation": meta.get("validation")}]
 
 
 def init_weights_from(model: torch.nn.Module, directory: str | Path, allow_unused: tuple[str, ...] = ()) -> list[str]:

@@ -7,10 +7,10 @@ from fastavatar_stream.tracking.box_tracker import BoxObservation, BoxTracker
 from fastavatar_stream.tracking.detectors import (DlibDetector, Face, FaceAlignmentDetector, LandmarkDetector,
                                                   make_detector)
 from fastavatar_stream.tracking.flame_fit import (FitConfig, FitResult, HeadPose, LandmarkFitter, PinholeCamera, View,
-                                                  intrinsics_from_fov)
+                                                  intrinsics_from_larger_side_fov)
 from fastavatar_stream.tracking.landmark_model import LandmarkModel
 from fastavatar_stream.tracking.tracker import FaceTracker, TrackerConfig, as_rgb_frame, head_angles
 
 __all__ = ["BoxObservation", "BoxTracker", "DlibDetector", "Face", "FaceAlignmentDetector", "FaceTracker", "FitConfig",
            "FitResult", "HeadPose", "LandmarkDetector", "LandmarkFitter", "LandmarkModel", "PinholeCamera",
-           "TrackerConfig", "View", "as_rgb_frame", "head_angles", "intrinsics_from_fov", "make_detector"]
+           "TrackerConfig", "View", "as_rgb_frame", "head_angles", "intrinsics_from_larger_side_fov", "make_detector"]

@@ -25,7 +25,7 @@ FLAME_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 CONTOUR = np.arange(0, 17)
 
 
-def intrinsics_from_fov(fov_degrees: float, width: int, height: int) -> np.ndarray:
+def intrinsics_from_larger_side_fov(fov_degrees: float, width: int, height: int) -> np.ndarray:
     """(3, 3) pinhole intrinsics: `fov_degrees` across the larger image side, principal point at the centre."""
     if not 1.0 <= fov_degrees <= 170.0:
         raise ValueError(f"field of view {fov_degrees} degrees is outside 1..170")
@@ -473,4 +473,4 @@ def zero_pose(n_expression: int) -> HeadPose:
 
 
 __all__ = ["FLAME_TO_OPENCV", "FitConfig", "FitResult", "HeadPose", "LandmarkFitter", "PinholeCamera", "View",
-           "intrinsics_from_fov", "zero_pose"]
+           "intrinsics_from_larger_side_fov", "zero_pose"]

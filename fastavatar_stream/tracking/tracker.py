@@ -21,7 +21,7 @@ from fastavatar_stream.frames import (EXTREME_POSE, FIT_FAILED, LOW_CONFIDENCE, 
 from fastavatar_stream.tracking.box_tracker import BoxTracker
 from fastavatar_stream.tracking.detectors import LandmarkDetector, make_detector
 from fastavatar_stream.tracking.flame_fit import (FitConfig, FitResult, HeadPose, LandmarkFitter, PinholeCamera, View,
-                                                  intrinsics_from_fov)
+                                                  intrinsics_from_larger_side_fov)
 from fastavatar_stream.tracking.landmark_model import LandmarkModel
 from fastavatar_stream.tracking.rotations import rotation_matrix
 
@@ -107,7 +107,7 @@ class FaceTracker:
 
     # ------------------------------------------------------------------------------------------------ API
     def camera_for(self, width: int, height: int) -> PinholeCamera:
-        K = self.config.K if self.config.K is not None else intrinsics_from_fov(self.config.fov_degrees, width, height)
+        K = self.config.K if self.config.K is not None else intrinsics_from_larger_side_fov(self.config.fov_degrees, width, height)
         if self._camera is None or self.config.K is None and not np.allclose(self._camera.K, K):
             self._camera = PinholeCamera(np.asarray(K, dtype=np.float64))
         return self._camera

@@ -1,0 +1,70 @@
+"""Tracked frames as the engine takes them: model-size crops with their cameras and FLAME rows
+(`engine.reconstruct.Views`), and the refiner's targets (`engine.refine.RefineFrames`)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.avatar_model import AvatarModel
+from engine.gaussians import GaussianSet
+from engine.reconstruct import Views
+from engine.refine import RefineFrames
+from engine.render import render
+from engine.types import Cameras, FlameParams
+from fastavatar_stream.frames import FlameFit, TrackedFrame
+from fastavatar_stream.prepare import PreparedFrame
+from fastavatar_stream.session import RefineSample
+
+
+def flame_params(fits: list[FlameFit], n_shape: int, n_expression: int) -> FlameParams:
+    """Stack tracked FLAME fits into FlameParams, zero-padding/truncating shape and expression."""
+    def padded(values: list[np.ndarray], width: int) -> torch.Tensor:
+        out = torch.zeros(len(values), width)
+        for i, v in enumerate(values):
+            v = torch.as_tensor(np.asarray(v, np.float32)).reshape(-1)[:width]
+            out[i, : v.numel()] = v
+        return out
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.as_tensor(np.stack([getattr(f, name) for f in fits]).astype(np.float32))
+
+    return FlameParams(shape=padded([f.shape for f in fits], n_shape),
+                       expression=padded([f.expression for f in fits], n_expression),
+                       rotation=stacked("rotation"), neck=stacked("neck"), jaw=stacked("jaw"), eyes=stacked("eyes"),
+                       translation=stacked("translation"))
+
+
+def tracked_views(frames: list[TrackedFrame], prepared: list[PreparedFrame], model: AvatarModel) -> Views:
+    """The model-size crops (`prepared`) of tracked `frames` as network views: images (N,3,S,S) in [0,1], crop
+    cameras (intrinsics in pixels of the crop) and FLAME rows padded to the model's prompt directions."""
+    images = torch.stack([torch.from_numpy(p.image) for p in prepared])
+    size = images.shape[-1]
+    cams = Cameras(torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames]),
+                   torch.stack([torch.from_numpy(np.asarray(p.K, np.float32)) for p in prepared]), size, size)
+    prompts = model.prompts
+    params = flame_params([f.flame for f in frames], prompts.shapedirs.shape[-1], prompts.exprdirs.shape[-1])
+    return Views(images, cams, params)
+
+
+def refine_frames(samples: list[RefineSample], model: AvatarModel) -> RefineFrames:
+    """The refiner's targets: model-size crops of kept frames (N,S,S,3) with their cameras, FLAME rows and
+    head-region masks."""
+    views = tracked_views([s.frame for s in samples], [s.prepared for s in samples], model)
+    frames = RefineFrames(views.images.permute(0, 2, 3, 1).contiguous(), views.cameras, views.params,
+                          background=torch.ones(3))
+    frames.masks = head_masks(model, frames)
+    return frames
+
+
+@torch.no_grad()
+def head_masks(model: AvatarModel, frames: RefineFrames, radius: float = 0.008) -> torch.Tensor:
+    """(N,H,W,1) soft head-region masks: the posed point prompts splatted as opaque discs."""
+    p = model.prompts.v_template.shape[0]
+    discs = GaussianSet.from_activated(
+        anchor=torch.arange(p), offset=torch.zeros(p, 3), rotation=torch.tensor([[1.0, 0, 0, 0]]).expand(p, 4),
+        scale=torch.full((p, 3), radius), opacity=torch.full((p,), 0.99), color=torch.ones(p, 3),
+        importance=torch.ones(p), frame=0)
+    world = discs.to_world(model.prompts, model.head, frames.params)
+    out = render(world["means"], world["quats"], world["scales"], world["opacities"], world["colors"],
+                 frames.cameras.viewmats, frames.cameras.Ks, frames.cameras.width, frames.cameras.height)
+    return (out["alpha"] > 0.5).float()
