@@ -103,7 +103,8 @@ class Session:
         self.frames_tracked = 0
         self.frames_unusable = 0
         self.refine_spent = 0.0
-        self.refine_dirty = False
+        self.refine_dirty = False  # a window changed the avatar since the refiner last started from it
+        self.refine_stopped = False  # refinement failed once: off for the rest of the session
         self.lock = threading.RLock()
         self._ready: deque[Window] = deque()
         self._prepared: OrderedDict[int, PreparedFrame] = OrderedDict()
@@ -225,8 +226,39 @@ class Session:
                 self.refine_pool = [self.refine_pool[i] for i in sorted(set(keep.tolist()))]
 
     def wants_refinement(self) -> bool:
-        return (self.options.refine_seconds > 0 and self.latest is not None and bool(self.refine_pool)
-                and self.refine_spent < self.options.refine_seconds and self.state != "failed")
+        return (self.options.refine_seconds > 0 and not self.refine_stopped and self.latest is not None
+                and bool(self.refine_pool) and self.refine_spent < self.options.refine_seconds
+                and self.state != "failed")
+
+    # -- engine side (engine worker) -------------------------------------------------------------------------
+    def window_folded(self, window: Window) -> None:
+        """A window's Gaussians are in the avatar: its frames become refinement targets, the refiner restarts."""
+        self.keep_for_refinement(window)
+        with self.lock:
+            self.windows_done += 1
+            self.refine_dirty = True
+
+    def take_refine_restart(self) -> bool:
+        """True once after each folded window: the refiner must start over from the new avatar."""
+        with self.lock:
+            dirty, self.refine_dirty = self.refine_dirty, False
+        return dirty
+
+    def refinement_spent(self, start: float, end: float) -> None:
+        """One refinement burst ran from `start` to `end` (perf_counter seconds)."""
+        with self.lock:
+            self.refine_spent += end - start
+            self.refine_bursts.append((start, end))
+
+    def stop_refinement(self, reason: str) -> None:
+        """Refinement failed: the session goes on with feed-forward versions only (the reason is in its report)."""
+        self.refine_stopped = True
+        self.report.errors.append(reason)
+
+    def fail(self, reason: str) -> None:
+        """End this session with one clear reason; other sessions are untouched."""
+        self.state, self.error = "failed", reason
+        self.report.errors.append(reason)
 
     def stats(self) -> dict:
         latest = self.latest

@@ -129,8 +129,7 @@ class EngineWorker(threading.Thread):
             self.on_version(session, version, max(f.t_capture for f in window.frames))
         except Exception as exc:  # one session's failure ends that session only
             log.exception("session %s: window %d failed", session.id, window.index)
-            session.state = "failed"
-            session.error = f"window {window.index} failed: {exc.__class__.__name__}: {exc}"
+            session.fail(f"window {window.index} failed: {exc.__class__.__name__}: {exc}")
         finally:
             self.busy_s += time.perf_counter() - start
             session.window_finished()
@@ -147,9 +146,7 @@ class EngineWorker(threading.Thread):
                                           fusion=session.options.fusion)
         with session.timer.time("fuse"):
             version = session.fuser.add_window(sets, shape)
-        session.keep_for_refinement(window)
-        session.windows_done += 1
-        session.refine_dirty = True
+        session.window_folded(window)
         return version
 
     def _refine_frames(self, session: Session) -> RefineFrames:
@@ -169,11 +166,10 @@ class EngineWorker(threading.Thread):
         try:
             with torch.enable_grad():
                 refiner = self._refiners.get(session.id)
-                if refiner is None or session.refine_dirty:
+                if session.take_refine_restart() or refiner is None:
                     refiner = RefineSession(session.fuser.avatar, self.model.prompts, self.model.head,
                                             self.refine_config)
                     self._refiners[session.id] = refiner
-                    session.refine_dirty = False
                 frames = self._refine_frames(session)
                 with session.timer.time("refine"):
                     stats = refiner.step(frames, seconds=session.options.refine_burst_seconds,
@@ -181,12 +177,10 @@ class EngineWorker(threading.Thread):
             version = session.fuser.replace(refiner.gaussians(), {"refine": stats})
         except Exception as exc:
             log.exception("session %s: refinement failed; refinement turned off for it", session.id)
-            session.options.refine_seconds = 0.0
-            session.error = f"refinement failed: {exc}"
+            session.stop_refinement(f"refinement failed: {exc}")
             return
         finally:
-            spent = time.perf_counter() - start
-            session.refine_spent += spent
-            self.busy_s += spent
+            end = time.perf_counter()
+            session.refinement_spent(start, end)
+            self.busy_s += end - start
         self.on_version(session, version, time.time())
-        session.refine_bursts.append((start, time.perf_counter()))

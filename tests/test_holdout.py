@@ -128,3 +128,19 @@ def test_refined_versions_stay_within_the_gaussian_budget(clip, micro_weights):
     assert all(n <= budget for n in counts)
     assert seen and all(n <= budget for n in seen)
     assert len(session.latest.gaussians) <= budget
+
+
+def test_a_failing_refiner_turns_refinement_off_for_its_session_only(clip, micro_weights, monkeypatch):
+    from engine.refine import RefineSession
+
+    def broken(self, frames, index):
+        raise RuntimeError("refiner exploded")
+
+    monkeypatch.setattr(RefineSession, "loss", broken)
+    session, _ = run_session(micro_weights, clip, refine_seconds=2.0)
+
+    assert session.state == "ended", session.error  # the stream went on with feed-forward versions
+    assert session.refine_stopped and any("refiner exploded" in e for e in session.report.errors)
+    assert session.options.refine_seconds == 2.0  # the caller's options are not rewritten
+    assert not session.wants_refinement()
+    assert session.windows_done >= 3 and session.latest.version >= session.windows_done
