@@ -166,13 +166,9 @@ def render_set(gs: GaussianSet, prompts, head, sample: HeadSample, *, soft_prune
     if soft_prune:
         opac = L.soft_prune_opacity(opac, gs.importance.unsqueeze(0).expand_as(opac), generator)
     cams = sample.cameras
-    out = render(world["means"], world["quats"], world["scales"], opac, world["colors"], cams.viewmats, cams.Ks,
-                 cams.width, cams.height, backend=backend)
-    rgb, alpha = out["rgb"], out["alpha"]
-    v, h, w = rgb.shape[:3]
-    alpha = alpha.reshape(v, h, w, 1)
-    bg = sample.bg_colors if background is None else background
-    return rgb + (1 - alpha) * bg.to(rgb.dtype).view(v, 1, 1, 3)
+    bg = sample.bg_colors if background is None else background.expand(cams.viewmats.shape[0], 3)
+    return render(world["means"], world["quats"], world["scales"], opac, world["colors"], cams.viewmats, cams.Ks,
+                  cams.width, cams.height, backend=backend, background=bg)["rgb"]
 
 
 class SampleCache(torch.utils.data.Dataset):
