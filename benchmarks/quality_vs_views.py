@@ -1,6 +1,6 @@
 """Quality against the number of input views on held-out synthetic heads (paper Tables 1-3, on our model).
 
-    .venv/bin/python benchmarks/quality_vs_views.py --checkpoint DIR --seed 0 --identities 4 --out OUTDIR \\
+    .venv/bin/python benchmarks/quality_vs_views.py --checkpoint DIR --seeds 0 --identities 4 --out OUTDIR \\
         [--ablations runs/ablations] [--resolution 128] [--baseline-iterations 50,200,1000] [--identity-distance]
 
 Data: `--identities` people of the synthetic split "test" (never seen in training). Per person and sampler
@@ -25,6 +25,10 @@ identity distance with --identity-distance, gaussians, seconds, and the same per
 Other keys: "pruning" (Gaussian counts and PSNR with/without the hard prune), "render_fps" (the fused 16-frame
 avatars, cpu backend), "meta". Also writes quality.md, plot_psnr_vs_views.png, plot_quality_vs_time.png and
 preview_<sampler>.png (inputs | prediction | ground truth per row).
+
+With several `--seeds` (e.g. 0,1,2,3: other test people, other input orders, other baseline seeds) each seed's
+outputs go to OUTDIR/seed_<s>/, and OUTDIR/quality_seeds.json holds every number of quality.json as
+{mean, std (sample, ddof=1), min, max, values (in seed order)} over the seeds, with OUTDIR/quality_seeds.md.
 """
 from __future__ import annotations
 
@@ -488,7 +492,8 @@ def evaluate_model(name: str, avatar_model, cases: list[Case], frames: list[int]
     return kept
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    """One seed's full benchmark; writes quality.json, quality.md, plots and previews into `out`."""
     from engine.avatar_model import AvatarModel
     from engine.checkpoints import default_checkpoint_dir
     from engine.errors import InputError
@@ -496,9 +501,8 @@ def run(args: argparse.Namespace) -> dict:
     from engine.losses import psnr
 
     t_start = time.perf_counter()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frames = sorted(set(parse_ints(args.frames)))
     if not frames or frames[0] < 1 or frames[-1] > MAX_INPUTS:
@@ -509,7 +513,7 @@ def run(args: argparse.Namespace) -> dict:
     model = AvatarModel.load(checkpoint, head=head)
     if args.identities < 1 or args.pool < 0:
         raise InputError("--identities must be at least 1 and --pool at least 0")
-    cases = make_cases(head, args.seed, args.identities, args.resolution, args.pool, args.backend)
+    cases = make_cases(head, seed, args.identities, args.resolution, args.pool, args.backend)
     metrics = Metrics(args.identity_distance)
     table = Table()
     ev = Evaluator(model, args.backend)
@@ -553,10 +557,10 @@ def run(args: argparse.Namespace) -> dict:
     iterations = sorted(set(parse_ints(args.baseline_iterations)))
     baseline = {}
     if iterations:  # warm-up: the first optimisation step pays one-off costs (kernel loading) that skew "seconds"
-        optimisation_baseline(ev, cases[0], 1, [1], args.seed)
+        optimisation_baseline(ev, cases[0], 1, [1], seed)
     for n in sorted(set(parse_ints(args.baseline_frames)) & set(frames)) if iterations else []:
         for case in cases:
-            preds = optimisation_baseline(ev, case, n, iterations, args.seed)
+            preds = optimisation_baseline(ev, case, n, iterations, seed)
             for it, pred in zip(iterations, preds):
                 table.add(f"optimisation_{it}", n, case.sampler, {**metrics(pred.renders, case),
                                                                  "gaussians": float(pred.gaussians),
@@ -607,7 +611,7 @@ def run(args: argparse.Namespace) -> dict:
     result["pruning"] = pruning
     result["render_fps"] = fps
     result["meta"] = {
-        "checkpoint": str(checkpoint), "model": model.network.cfg.name, "seed": args.seed,
+        "checkpoint": str(checkpoint), "model": model.network.cfg.name, "seed": seed,
         "identities": args.identities, "resolution": args.resolution, "frames": frames, "pool": args.pool,
         "targets_per_case": N_TARGETS, "samplers": list(SAMPLERS), "baseline_iterations": iterations,
         "baseline_frames": parse_ints(args.baseline_frames), "fps_sizes": args.fps_sizes,
@@ -637,10 +641,77 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+# -- several seeds -------------------------------------------------------------------------------------------------
+def spread_over_seeds(results: list[dict]) -> dict:
+    """Every number found at the same place in all `results` -> {mean, std, min, max, values}; std is the sample
+    standard deviation (ddof=1; 0 for one seed). Places missing in some result and non-numbers are left out."""
+    first = results[0]
+    if isinstance(first, dict):
+        keys = [k for k in first if all(isinstance(r, dict) and k in r for r in results)]
+        nested = {k: spread_over_seeds([r[k] for r in results]) for k in keys}
+        return {k: v for k, v in nested.items() if v}
+    if all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in results):
+        values = [float(r) for r in results]
+        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "min": min(values), "max": max(values), "values": values}
+    return {}
+
+
+def _spread(e: dict, digits: int, scale: float = 1.0) -> str:
+    return (f"{_fmt(scale * e['mean'], digits)} ± {_fmt(scale * e['std'], digits)} "
+            f"({_fmt(scale * e['min'], digits)}–{_fmt(scale * e['max'], digits)})")
+
+
+def write_seeds_markdown(path: Path, spread: dict, meta: dict) -> None:
+    rows = [k for k in spread if k not in ("meta", "pruning", "render_fps")]
+    frames = sorted({n for r in rows for n in spread[r]}, key=int)
+    md = ["# Quality vs number of input views, over seeds\n",
+          f"Checkpoint `{meta['checkpoint']}`, seeds {', '.join(map(str, meta['seeds']))} (each: "
+          f"{meta['identities']} test identities × {len(SAMPLERS)} samplers, {meta['resolution']} px, {N_TARGETS} "
+          "held-out target views). Cells: mean ± sample std (min–max) over the seeds.\n",
+          "| row | metric | " + " | ".join(f"{n} frames" for n in frames) + " |", "|---|---|" + "---|" * len(frames)]
+    for r in rows:
+        for metric, digits in (("psnr", 2), ("ssim", 3), ("seconds", 3)):
+            cells = [_spread(spread[r][n][metric], digits) if n in spread[r] else "" for n in frames]
+            md.append(f"| {r} | {metric} | " + " | ".join(cells) + " |")
+    md += ["", "## Pruning (full model)", "", "| frames | kept % | PSNR loss dB |", "|---|---|---|"]
+    for n, e in spread["pruning"].items():
+        md.append(f"| {n} | {_spread(e['kept_fraction'], 1, 100.0)} | {_spread(e['psnr_loss_db'], 3)} |")
+    md += ["", "## Render speed of the fused 16-frame avatars (fps, cpu backend)", "",
+           "| avatar | Gaussians | " + " | ".join(f"{s} px" for s in meta["fps_sizes"]) + " |",
+           "|---|---|" + "---|" * len(meta["fps_sizes"])]
+    for name, e in spread["render_fps"].items():
+        md.append(f"| {name} | {_spread(e['gaussians'], 0)} | "
+                  + " | ".join(_spread(e[str(s)], 1) for s in meta["fps_sizes"] if str(s) in e) + " |")
+    md += ["", "## Targets per seed", ""]
+    for seed, lines in zip(meta["seeds"], meta["targets_per_seed"]):
+        md += [f"- seed {seed}: {line}" for line in lines]
+    md += ["", f"Timings: {meta['threads']} torch thread(s); wall time {meta['wall_s']:.0f} s for all seeds."]
+    path.write_text("\n".join(md) + "\n")
+
+
+def run_seeds(args: argparse.Namespace) -> list[dict]:
+    """One run per seed; with several, each in OUTDIR/seed_<s> and their spread in OUTDIR/quality_seeds.*."""
+    out = Path(args.out)
+    if len(args.seeds) == 1:
+        return [run(args, args.seeds[0], out)]
+    t_start = time.perf_counter()
+    results = [run(args, seed, out / f"seed_{seed}") for seed in args.seeds]
+    spread = spread_over_seeds([{k: v for k, v in r.items() if k != "meta"} for r in results])
+    meta = {k: v for k, v in results[0]["meta"].items() if k not in ("seed", "wall_s", "targets")}
+    meta.update(seeds=args.seeds, targets_per_seed=[r["meta"]["targets"] for r in results],
+                wall_s=time.perf_counter() - t_start)
+    spread["meta"] = meta
+    (out / "quality_seeds.json").write_text(json.dumps(spread, indent=1))
+    write_seeds_markdown(out / "quality_seeds.md", spread, meta)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped one)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", "--seed", type=parse_ints, default=[0],
+                    help="comma-separated test seeds (default 0); several give a spread, see above")
     ap.add_argument("--identities", type=int, default=4, help="test identities per sampler (default 4)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resolution", type=int, default=128, help="render/target size in px (default 128)")
@@ -659,14 +730,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from engine.errors import InputError
 
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        print(f"error: --seeds must be distinct integers, got {args.seeds}", file=sys.stderr)
+        return 2
     try:
-        result = run(args)
+        results = run_seeds(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for line in result["meta"]["targets"]:
-        print(line)
-    print(f"wrote {Path(args.out) / 'quality.json'}")
+    for result in results:
+        for line in result["meta"]["targets"]:
+            print(f"seed {result['meta']['seed']}: {line}")
+    print(f"wrote {Path(args.out) / ('quality.json' if len(results) == 1 else 'quality_seeds.json')}")
     return 0
 
 

@@ -170,13 +170,34 @@ def test_quality_benchmark_end_to_end(tmp_path):
         with Image.open(out / name) as img:
             assert img.size[0] > 100 and img.size[1] > 30, name
 
-    # deterministic: a second, smaller run reproduces the full model's figures exactly
+    # deterministic: a second, smaller run over seeds 3 and 4 reproduces seed 3's full-model figures exactly
     again = tmp_path / "again"
-    assert load_script(QUALITY).main([*common, "--out", str(again), "--pool", "0", "--frames", "1,4",
-                                      "--baseline-iterations", ""]) == 0
-    second = json.loads((again / "quality.json").read_text())
+    assert load_script(QUALITY).main([*common, "--seeds", "3,4", "--out", str(again), "--pool", "0", "--frames",
+                                      "1,4", "--baseline-iterations", ""]) == 0
+    second = json.loads((again / "seed_3" / "quality.json").read_text())
+    other = json.loads((again / "seed_4" / "quality.json").read_text())
     for n in ("1", "4"):
         assert second["full"][n]["psnr"] == result["full"][n]["psnr"]
         assert second["full"][n]["ssim"] == result["full"][n]["ssim"]
     assert second["meta"]["missing_ablations"] == list(load_script(QUALITY).ABLATIONS)
     assert "optimisation_2" not in second and "full_pool4" not in second
+    # seed 4 shows other people; the spread file holds both seeds' values in seed order
+    assert other["full"]["1"]["psnr"] != second["full"]["1"]["psnr"]
+    spread = json.loads((again / "quality_seeds.json").read_text())
+    assert spread["meta"]["seeds"] == [3, 4] and len(spread["meta"]["targets_per_seed"]) == 2
+    psnr = spread["full"]["4"]["psnr"]
+    assert psnr["values"] == [second["full"]["4"]["psnr"], other["full"]["4"]["psnr"]]
+    assert psnr["min"] <= psnr["mean"] <= psnr["max"] and psnr["std"] > 0
+    assert "± " in (again / "quality_seeds.md").read_text()
+
+
+def test_spread_over_seeds_summarises_every_shared_number_and_skips_the_rest():
+    spread = load_script(QUALITY).spread_over_seeds(
+        [{"full": {"1": {"psnr": 20.0}}, "label": "a", "only_here": 1.0}, {"full": {"1": {"psnr": 24.0}}, "label": "b"}])
+    assert spread == {"full": {"1": {"psnr": {"mean": 22.0, "std": pytest.approx(2 ** 1.5), "min": 20.0,
+                                              "max": 24.0, "values": [20.0, 24.0]}}}}
+
+
+def test_quality_benchmark_refuses_repeated_seeds(tmp_path, capsys):
+    assert load_script(QUALITY).main(["--seeds", "1,1", "--out", str(tmp_path)]) == 2
+    assert "distinct" in capsys.readouterr().err
