@@ -3,6 +3,9 @@ avatar versions on the data channel decode to exactly the avatar the daemon hold
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,24 @@ def test_a_browser_like_peer_receives_the_daemons_avatar(tmp_path, micro_weights
     assert result.buffer.equals(buffer), "the peer's avatar differs from the daemon's"
     report = result.report()
     assert report["versions_received"] >= 3 and report["malformed_messages"] == 0
+
+
+def test_the_latency_benchmark_measures_capture_and_transport_latency_per_run(tmp_path, micro_weights):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "webrtc_latency.py"
+    spec = importlib.util.spec_from_file_location("_bench_webrtc_latency", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    clip = make_demo_clip(tmp_path / "face.mp4", n_frames=12, size=192, fps=10)
+    out = tmp_path / "latency.json"
+
+    assert bench.main(["--video", str(tmp_path / "missing.mp4"), "--out", str(out)]) == 2 and not out.exists()
+    assert bench.main(["--video", str(clip), "--weights", str(micro_weights), "--max-frames", "12", "--runs", "1",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    run = result["per_run"][0]
+    assert run["frames_sent"] == 12 and run["versions_received"] >= 1 and run["windows"] >= 1
+    over = result["latency_ms_over_runs"]
+    # a version is published after its newest frame was captured, and received after it was published
+    assert over["capture_to_receipt_p50"]["median"] > over["publish_to_receipt_p50"]["median"] > 0
+    assert over["capture_to_receipt_p50"]["values"] == [run["latency_ms"]["capture_to_receipt_p50"]]
