@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -466,7 +467,8 @@ def write_markdown(path: Path, result: dict) -> None:
     md += ["", "## Targets", ""] + [f"- {line}" for line in check_targets(result)]
     if missing:
         md.append(f"- ablations not evaluated (no checkpoint under --ablations): {', '.join(missing)}")
-    md += ["", f"Timings: {meta['threads']} torch thread(s), {meta['machine']}; wall time {meta['wall_s']:.0f} s."]
+    md += ["", f"Timings: {meta['threads']} torch thread(s), {meta['machine']}; wall time {meta['wall_s']:.0f} s; "
+           f"1-minute load average {meta['loadavg_start'][0]:.1f} -> {meta['loadavg_end'][0]:.1f}."]
     path.write_text("\n".join(md) + "\n")
 
 
@@ -500,7 +502,7 @@ def run(args: argparse.Namespace, seed: int, out: Path) -> dict:
     from engine.head import load_head
     from engine.losses import psnr
 
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     torch.manual_seed(seed)
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -618,7 +620,7 @@ def run(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "ablations_dir": args.ablations, "missing_ablations": missing, "lpips": metrics.lpips is not None,
         "identity_distance": args.identity_distance, "threads": args.threads, "backend": args.backend,
         "checkpoint_steps": model.metadata.get("steps"), "machine": f"{platform.machine()} {platform.processor()}",
-        "wall_s": time.perf_counter() - t_start,
+        "wall_s": time.perf_counter() - t_start, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
     }
     result["meta"]["targets"] = check_targets(result)
     (out / "quality.json").write_text(json.dumps(result, indent=1))
@@ -686,7 +688,9 @@ def write_seeds_markdown(path: Path, spread: dict, meta: dict) -> None:
     md += ["", "## Targets per seed", ""]
     for seed, lines in zip(meta["seeds"], meta["targets_per_seed"]):
         md += [f"- seed {seed}: {line}" for line in lines]
-    md += ["", f"Timings: {meta['threads']} torch thread(s); wall time {meta['wall_s']:.0f} s for all seeds."]
+    loads = ", ".join(f"{start[0]:.1f} -> {end[0]:.1f}" for start, end in meta["loadavg_per_seed"])
+    md += ["", f"Timings: {meta['threads']} torch thread(s); wall time {meta['wall_s']:.0f} s for all seeds; "
+           f"1-minute load average at start -> end of each seed: {loads}."]
     path.write_text("\n".join(md) + "\n")
 
 
@@ -698,8 +702,10 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
     t_start = time.perf_counter()
     results = [run(args, seed, out / f"seed_{seed}") for seed in args.seeds]
     spread = spread_over_seeds([{k: v for k, v in r.items() if k != "meta"} for r in results])
-    meta = {k: v for k, v in results[0]["meta"].items() if k not in ("seed", "wall_s", "targets")}
+    per_seed = ("seed", "wall_s", "targets", "loadavg_start", "loadavg_end")
+    meta = {k: v for k, v in results[0]["meta"].items() if k not in per_seed}
     meta.update(seeds=args.seeds, targets_per_seed=[r["meta"]["targets"] for r in results],
+                loadavg_per_seed=[[r["meta"]["loadavg_start"], r["meta"]["loadavg_end"]] for r in results],
                 wall_s=time.perf_counter() - t_start)
     spread["meta"] = meta
     (out / "quality_seeds.json").write_text(json.dumps(spread, indent=1))
