@@ -14,6 +14,11 @@ Landmark files understood (68 points in iBUG order, barycentric on the model's f
   (its yaw-0 row gives the contour).
 - our `landmarks_68.npz` (`lmk_face_idx` (68,), `lmk_b_coords` (68,3)), or any .npz/.pkl/.npy dict
   with those two keys holding 68 points.
+
+MediaPipe face-mesh embedding (what the tracker fits when its landmarks come from MediaPipe's 478-point mesh):
+`mediapipe_landmark_embedding.npz` with `lmk_face_idx` (N,), `lmk_b_coords` (N,3) and `landmark_indices` (N,),
+the mesh vertex each row stands for -- the file FLAME 2020/2023 users get with FLAME (105 points), found next to
+their model, and the one the default head ships (built by the head builder).
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from engine.types import FlameParams
 DEFAULT_HEAD_DIR = Path(__file__).resolve().parent / "data" / "default_head"
 DEFAULT_MODEL_FILE = "FLAME_NEUTRAL.npz"
 DEFAULT_LANDMARK_FILE = "landmarks_68.npz"
+MEDIAPIPE_EMBEDDING_FILE = "mediapipe_landmark_embedding.npz"
+MEDIAPIPE_MESH_POINTS = 478
 USER_MODEL_NAMES = ("generic_model.pkl", "flame2023.pkl", "FLAME_NEUTRAL.pkl", "flame2020.pkl")
 USER_LANDMARK_NAMES = ("landmark_embedding.npy", "landmarks_68.npz", "flame_static_embedding.pkl")
 FRONTAL_CONTOUR_ROW = 39  # the dynamic contour tables hold 79 rows for yaw -39..39 degrees
@@ -39,16 +46,26 @@ FLAME_HELP = "get FLAME from https://flame.is.tue.mpg.de (free registration) and
 
 
 @dataclass
+class MeshEmbedding:
+    """MediaPipe face-mesh vertices on the model: face_idx (N,) long, bary (N,3), mesh_indices (N,) int64."""
+
+    face_idx: np.ndarray
+    bary: np.ndarray
+    mesh_indices: np.ndarray
+
+
+@dataclass
 class LandmarkBasis:
-    """Everything a tracker needs to place the 68 landmarks for given shape/expression/pose without autograd.
+    """Everything a tracker needs to place its N landmarks (68 iBUG points, or the MediaPipe embedding's) for given
+    shape/expression/pose without autograd.
 
     Rest landmarks (template + dirs) are exact; skinning them with `lbs_weights` (interpolated at
     the landmark) differs from skinning the mesh's corners by well under a millimetre for normal poses.
 
-    template:        (68,3)   landmarks of the template (zero shape, expression and pose)
-    shapedirs:       (68,3,S) landmark offsets per shape coefficient
-    exprdirs:        (68,3,E) landmark offsets per expression coefficient
-    lbs_weights:     (68,5)   skinning weights interpolated at the landmarks
+    template:        (N,3)    landmarks of the template (zero shape, expression and pose)
+    shapedirs:       (N,3,S)  landmark offsets per shape coefficient
+    exprdirs:        (N,3,E)  landmark offsets per expression coefficient
+    lbs_weights:     (N,5)    skinning weights interpolated at the landmarks
     joint_template:  (5,3)    rest joints of the template
     joint_shapedirs: (5,3,S)  rest-joint offsets per shape coefficient (J_regressor @ shapedirs)
     joint_exprdirs:  (5,3,E)  rest-joint offsets per expression coefficient (smplx regresses joints after both)
@@ -76,10 +93,12 @@ class HeadModel:
     shape_names, expression_names: one name per coefficient
     part:              (V,) int numpy for the default head (0 skin, 1 left eyeball, 2 right eyeball,
                        3/4 upper/lower mouth pocket), None for a user's FLAME
+    mediapipe:         MediaPipe face-mesh embedding, or None when the model has none
     """
 
     def __init__(self, flame, landmark_face_idx: np.ndarray, landmark_bary: np.ndarray, *,
-                 shape_names: list[str], expression_names: list[str], part: np.ndarray | None, source: str):
+                 shape_names: list[str], expression_names: list[str], part: np.ndarray | None, source: str,
+                 mediapipe: MeshEmbedding | None = None):
         self.flame = flame
         self.faces = np.asarray(flame.faces, dtype=np.int64)
         self.n_shape = int(flame.num_betas)
@@ -91,6 +110,7 @@ class HeadModel:
         self.expression_names = list(expression_names)
         self.part = part
         self.source = source
+        self.mediapipe = mediapipe
 
     @property
     def template(self) -> torch.Tensor:
@@ -142,18 +162,23 @@ class HeadModel:
         _, transforms = batch_rigid_transform(rot, joints, f.parents, dtype=v_shaped.dtype)
         return transforms
 
-    def _at_landmarks(self, per_vertex: torch.Tensor) -> torch.Tensor:
-        tri = per_vertex[self.flame.faces_tensor[self.landmark_face_idx]]  # (68,3,...)
-        return torch.einsum("lk,lk...->l...", self.landmark_bary.to(per_vertex.dtype), tri)
+    def _at_landmarks(self, per_vertex: torch.Tensor, face_idx: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+        tri = per_vertex[self.flame.faces_tensor[face_idx]]  # (N,3,...)
+        return torch.einsum("lk,lk...->l...", bary.to(per_vertex.dtype), tri)
 
-    def landmark_basis(self) -> LandmarkBasis:
+    def landmark_basis(self, embedding: MeshEmbedding | None = None) -> LandmarkBasis:
+        """The basis at the 68 iBUG landmarks, or at the points of `embedding` (e.g. `self.mediapipe`)."""
         f = self.flame
+        if embedding is None:
+            face_idx, bary = self.landmark_face_idx, self.landmark_bary
+        else:
+            face_idx, bary = torch.as_tensor(embedding.face_idx, dtype=torch.long), torch.as_tensor(embedding.bary)
         with torch.no_grad():
             return LandmarkBasis(
-                template=self._at_landmarks(f.v_template),
-                shapedirs=self._at_landmarks(f.shapedirs),
-                exprdirs=self._at_landmarks(f.expr_dirs),
-                lbs_weights=self._at_landmarks(f.lbs_weights),
+                template=self._at_landmarks(f.v_template, face_idx, bary),
+                shapedirs=self._at_landmarks(f.shapedirs, face_idx, bary),
+                exprdirs=self._at_landmarks(f.expr_dirs, face_idx, bary),
+                lbs_weights=self._at_landmarks(f.lbs_weights, face_idx, bary),
                 joint_template=f.J_regressor @ f.v_template,
                 joint_shapedirs=torch.einsum("jv,vdl->jdl", f.J_regressor, f.shapedirs),
                 joint_exprdirs=torch.einsum("jv,vdl->jdl", f.J_regressor, f.expr_dirs),
@@ -162,14 +187,22 @@ class HeadModel:
 
 def load_head(path: str | os.PathLike | None = None, landmark_path: str | os.PathLike | None = None, *,
               n_shape: int | None = None, n_expression: int | None = None,
-              dtype: torch.dtype = torch.float32) -> HeadModel:
+              dtype: torch.dtype = torch.float32, mediapipe_path: str | os.PathLike | None = None) -> HeadModel:
     """The head model: the embedded default when `path` is None, else a user's FLAME 2020/2023 file
     (or a folder holding generic_model.pkl / flame2023.pkl). `landmark_path` overrides the 68-point
-    embedding (default: next to the model). n_shape/n_expression cap the coefficient counts
-    (default: all meaningful ones; 300/100 for FLAME). Missing or malformed files raise InputError."""
+    embedding (default: next to the model); `mediapipe_path` the MediaPipe embedding (default:
+    mediapipe_landmark_embedding.npz next to the model, if there). n_shape/n_expression cap the coefficient
+    counts (default: all meaningful ones; 300/100 for FLAME). Missing or malformed files raise InputError."""
     if path is None:
-        return _load_default(landmark_path, n_shape, n_expression, dtype)
-    return _load_user(Path(path), landmark_path, n_shape, n_expression, dtype)
+        head = _load_default(landmark_path, n_shape, n_expression, dtype)
+        folder = DEFAULT_HEAD_DIR
+    else:
+        head = _load_user(Path(path), landmark_path, n_shape, n_expression, dtype)
+        folder = Path(head.source).parent
+    if mediapipe_path is not None or (folder / MEDIAPIPE_EMBEDDING_FILE).is_file():
+        head.mediapipe = read_mediapipe_embedding(Path(mediapipe_path or folder / MEDIAPIPE_EMBEDDING_FILE),
+                                                  len(head.faces))
+    return head
 
 
 def _make_flame(folder: Path, ext: str, n_shape: int, n_expression: int, dtype: torch.dtype):
@@ -297,6 +330,28 @@ def read_landmarks(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return f, b
     raise InputError(f"landmark embedding {path} has none of the known keys (full_lmk_faces_idx, "
                      f"static_/dynamic_lmk_faces_idx, lmk_face_idx)")
+
+
+def read_mediapipe_embedding(path: Path, n_faces: int) -> MeshEmbedding:
+    """A MediaPipe face-mesh embedding (lmk_face_idx, lmk_b_coords, landmark_indices) checked against the model."""
+    d = _load_any(path) if path.is_file() else None
+    if d is None:
+        raise InputError(f"MediaPipe landmark embedding not found: {path}")
+    missing = [k for k in ("lmk_face_idx", "lmk_b_coords", "landmark_indices") if k not in d]
+    if missing:
+        raise InputError(f"MediaPipe landmark embedding {path} lacks {', '.join(missing)} "
+                         f"(expected FLAME's mediapipe_landmark_embedding.npz layout)")
+    face_idx = np.asarray(d["lmk_face_idx"], dtype=np.int64).reshape(-1)
+    bary = np.asarray(d["lmk_b_coords"], dtype=np.float64).reshape(-1, 3)
+    mesh_indices = np.asarray(d["landmark_indices"], dtype=np.int64).reshape(-1)
+    if not len(face_idx) == len(bary) == len(mesh_indices) or len(face_idx) < 6:
+        raise InputError(f"MediaPipe landmark embedding {path}: lmk_face_idx, lmk_b_coords and landmark_indices "
+                         f"must hold the same number (>= 6) of points")
+    if face_idx.min() < 0 or face_idx.max() >= n_faces:
+        raise InputError(f"MediaPipe landmark embedding {path} refers to faces outside the model's {n_faces} faces")
+    if mesh_indices.min() < 0 or mesh_indices.max() >= MEDIAPIPE_MESH_POINTS:
+        raise InputError(f"MediaPipe landmark embedding {path}: landmark_indices outside 0..{MEDIAPIPE_MESH_POINTS - 1}")
+    return MeshEmbedding(face_idx, bary, mesh_indices)
 
 
 def _check_landmarks(face_idx: np.ndarray, bary: np.ndarray, n_faces: int, where) -> None:

@@ -8,6 +8,7 @@ session's `AvatarBuffer`, published on ZeroMQ (deltas) and handed to in-process 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -60,6 +61,7 @@ class Daemon:
         self._subscribers: dict[str, list[Subscriber]] = {}
         self._ids = itertools.count(1)
         self._landmark_model = None
+        self._mesh_landmark_model = None
         self.publisher = None
         self.control = None
         self.worker: EngineWorker | None = None
@@ -76,6 +78,7 @@ class Daemon:
         from fastavatar_stream.tracking import LandmarkModel
 
         self._landmark_model = LandmarkModel.from_head(self.model.head)
+        self._mesh_landmark_model = LandmarkModel.mesh_from_head(self.model.head)
         from fastavatar_stream.worker import warm_up_renderer
 
         await self._loop.run_in_executor(None, warm_up_renderer, self.config.refine.backend)
@@ -122,7 +125,8 @@ class Daemon:
 
         config = TrackerConfig(detector=options.detector, fov_degrees=options.fov_degrees)
         tracker = await asyncio.get_running_loop().run_in_executor(
-            self._track_pool, FaceTracker, self._landmark_model, config)
+            self._track_pool, functools.partial(FaceTracker, self._landmark_model, config,
+                                                mesh_model=self._mesh_landmark_model))
         session = Session(session_id, name or getattr(source, "name", session_id), options,
                           self.model.input_size, tracker, crop_scale=self.model.crop_scale)
         self.sessions[session_id] = session

@@ -41,6 +41,10 @@ class TrackedFrame:
     flame:      FLAME fit, or None when tracking failed
     landmarks:  (68, 3) x, y in pixels and confidence; box: (4,) x0, y0, x1, y1 pixels
     flags:      quality flags (see UNUSABLE)
+    mesh:       (478, 3) float32 MediaPipe face mesh (x, y pixels, z as MediaPipe gives it), None from
+                backends without a mesh
+    matte:      (H, W) float32 in [0, 1], the person (head, hair, neck, shoulders) around the tracked face
+                against 0 for everything else; None from backends without one or without a face
     """
 
     image: np.ndarray
@@ -54,6 +58,8 @@ class TrackedFrame:
     flags: frozenset = field(default_factory=frozenset)
     camera_id: int = 0
     t_capture: float = 0.0
+    mesh: np.ndarray | None = None
+    matte: np.ndarray | None = None
 
     @property
     def usable(self) -> bool:

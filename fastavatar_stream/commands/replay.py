@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from engine.errors import InputError
-from fastavatar_stream.commands._common import output_dir
+from fastavatar_stream.commands._common import add_landmarks_option, output_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="how per-frame Gaussians combine: visibility (each anchor's copies weighted by how squarely "
                         "their frames saw it; default) or concat (the paper's plain concatenation)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
-    p.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"],
-                   help="landmark backend (auto: face-alignment when its weights are present, else dlib)")
+    add_landmarks_option(p)
     p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the camera in degrees")
     p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                    help="keep serving snapshots this long after the end (for late subscribers)")
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--refine must be >= 0 seconds")
     opts = ReplayOptions(source=source, out=args.out, weights=args.weights, realtime=args.realtime,
                          publish=args.publish, control=args.control, holdout=args.holdout, refine_seconds=refine,
-                         budget=args.budget, max_frames=args.max_frames, detector=args.detector,
+                         budget=args.budget, max_frames=args.max_frames, detector=args.landmarks,
                          fov_degrees=args.fov, progress=not args.no_progress and sys.stderr.isatty(),
                          linger_s=args.linger, fusion=args.fusion)
     report = asyncio.run(run_replay(opts))

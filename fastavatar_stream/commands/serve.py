@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from engine.errors import InputError
+from fastavatar_stream.commands._common import add_landmarks_option
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=60_000, help="most Gaussians per avatar (default 60000)")
     p.add_argument("--fusion", choices=["visibility", "concat"], default="visibility",
                    help="how per-frame Gaussians combine (default visibility; concat = the paper's concatenation)")
+    add_landmarks_option(p)
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
     p.add_argument("--snapshot-dir", type=Path, help="write each session's final avatar here as PLY")
     p.set_defaults(func=run)
@@ -55,7 +57,8 @@ async def serve(args: argparse.Namespace) -> None:
     from fastavatar_stream.session import SessionOptions
     from fastavatar_stream.sources import open_source
 
-    defaults = SessionOptions(budget=args.budget, refine_seconds=max(args.refine, 0.0), fusion=args.fusion)
+    defaults = SessionOptions(budget=args.budget, refine_seconds=max(args.refine, 0.0), fusion=args.fusion,
+                              detector=args.landmarks)
     config = DaemonConfig(weights=args.weights, publish=_endpoint(args.publish), control=_endpoint(args.control),
                           max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir,
                           session_defaults=defaults)

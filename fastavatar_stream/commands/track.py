@@ -1,7 +1,9 @@
-"""`fastavatar-stream track VIDEO --out tracks.npz [--preview preview.mp4]`: track a face video offline.
+"""`fastavatar-stream track VIDEO --out tracks.npz [--landmarks ...] [--preview preview.mp4] [--matte-out DIR]`:
+track a face video offline.
 
-Writes per-frame landmarks and FLAME parameters (see `write_tracks` for the arrays) and optionally a preview
-video with the observed landmarks, the fitted landmarks and the fitted mesh drawn over the frames.
+Writes per-frame landmarks, the MediaPipe face mesh and FLAME parameters (see `write_tracks` for the arrays),
+optionally a preview video (the matte dims the background; the face mesh, the observed and fitted landmarks
+and the fitted FLAME mesh are drawn over the frames) and optionally one PNG matte per frame.
 """
 from __future__ import annotations
 
@@ -13,19 +15,23 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
+from fastavatar_stream.commands._common import add_landmarks_option, output_dir
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("track", help="track a face video: landmarks and FLAME parameters per frame",
-                              description="Track the face in a video file and write per-frame 68 landmarks and "
-                                          "FLAME parameters (camera axes: OpenCV) to an .npz file.")
+                              description="Track the face in a video file and write per-frame 68 landmarks, the "
+                                          "478-point face mesh (mediapipe backend) and FLAME parameters (camera "
+                                          "axes: OpenCV) to an .npz file.")
     p.add_argument("video", help="input video file (anything PyAV/FFmpeg reads)")
     p.add_argument("--out", required=True, help="output .npz path")
-    p.add_argument("--preview", help="optional preview video with landmarks and the fitted mesh drawn over frames")
-    p.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"],
-                   help="landmark backend (auto: face-alignment when its weights are in $TORCH_HOME, else dlib)")
+    p.add_argument("--preview", help="optional preview video: matte, face mesh, landmarks and the fitted FLAME mesh "
+                                     "drawn over the frames")
+    p.add_argument("--matte-out", metavar="DIR",
+                   help="write each frame's matte as DIR/NNNNNN.png (8-bit grey; black where no matte)")
+    add_landmarks_option(p)
     p.add_argument("--fov", type=float, default=40.0, help="camera field of view across the larger side (degrees)")
     p.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0: all)")
     p.add_argument("--redetect-every", type=int, default=10, help="run the face detector every K frames")
@@ -65,9 +71,10 @@ def run(args) -> int:
     if args.max_frames:
         total = min(total, args.max_frames) if total else args.max_frames
     head = engine.load_head(args.head)
-    model = LandmarkModel.from_head(head)
-    tracker = FaceTracker(model, TrackerConfig(detector=args.detector, fov_degrees=args.fov,
-                                               redetect_every=args.redetect_every))
+    tracker = FaceTracker(LandmarkModel.from_head(head), TrackerConfig(detector=args.landmarks, fov_degrees=args.fov,
+                                                                      redetect_every=args.redetect_every),
+                          mesh_model=LandmarkModel.mesh_from_head(head))
+    matte_dir = output_dir(args.matte_out, "--matte-out") if args.matte_out else None
     frames = []
     preview_images = [] if args.preview else None
     try:
@@ -78,9 +85,11 @@ def run(args) -> int:
             image = av_frame.to_ndarray(format="rgb24")
             pts = float(av_frame.time) if av_frame.time is not None else i / fps
             tracked = tracker.track(image, pts, i)
-            frames.append(_summary(tracked))
+            frames.append(_summary(tracked, tracker))
+            if matte_dir is not None:
+                write_matte(matte_dir / f"{i:06d}.png", tracked.matte, image.shape[:2])
             if preview_images is not None:
-                preview_images.append(image)
+                preview_images.append(_with_matte(image, tracked.matte))
     except Exception as exc:  # noqa: BLE001 - a broken container mid-file is bad input, not a bug
         import av
 
@@ -99,11 +108,11 @@ def run(args) -> int:
     n_valid = int(arrays["valid"].sum())
     log.info("tracked %d/%d frames (%s); wrote %s", n_valid, len(frames), dict(tracker.counts), args.out)
     if args.preview:
-        write_preview(Path(args.preview), preview_images, arrays, head, model, tracker, camera, fps)
+        write_preview(Path(args.preview), preview_images, arrays, head, tracker, camera, fps)
     return 0
 
 
-def _summary(tracked) -> dict:
+def _summary(tracked, tracker) -> dict:
     """What the npz needs of a TrackedFrame (the images are not kept)."""
     from fastavatar_stream.frames import UNUSABLE
     from fastavatar_stream.tracking.flame_fit import HeadPose
@@ -115,19 +124,37 @@ def _summary(tracked) -> dict:
                         f.expression.astype(float))
     return {"valid": tracked.flame is not None and not (tracked.flags & UNUSABLE), "pose": pose,
             "landmarks": tracked.landmarks, "box": tracked.box, "pts": tracked.pts, "flags": tracked.flags,
-            "size": tracked.image.shape[:2]}
+            "size": tracked.image.shape[:2], "mesh": tracked.mesh, "fit_points": tracker.fit_points(tracked)}
+
+
+def write_matte(path: Path, matte: np.ndarray | None, size: tuple[int, int]) -> None:
+    """One 8-bit grey PNG; all black for frames without a matte."""
+    from PIL import Image
+
+    values = np.zeros(size, np.uint8) if matte is None else np.round(np.clip(matte, 0, 1) * 255).astype(np.uint8)
+    Image.fromarray(values, mode="L").save(path)
+
+
+def _with_matte(image: np.ndarray, matte: np.ndarray | None) -> np.ndarray:
+    """The frame with what the matte leaves out dimmed to a third."""
+    if matte is None:
+        return image
+    return (image * (1.0 / 3.0 + (2.0 / 3.0) * matte[:, :, None])).astype(np.uint8)
 
 
 def write_tracks(path: Path, frames: list[dict], tracker, camera, fps: float) -> dict:
     """Arrays written (T frames; invalid frames hold zeros in the parameter arrays):
 
     valid (T,) bool; landmarks (T, 68, 2) pixels; landmark_confidence (T, 68); box (T, 4);
+    mesh (T, 478, 3) MediaPipe face mesh, x, y pixels, z as MediaPipe gives it (zeros without one);
+    backend () str, the landmark backend's name;
     rotation (T, 3) head rotation axis-angle in camera axes (OpenCV; 0 = facing the camera);
     translation (T, 3) metres, camera-space position of the FLAME origin; expression (T, E); jaw_pose (T, 3);
     shape (S,); K (3, 3); viewmat (4, 4) world-to-camera; rotation_world, translation_world (T, 3) FLAME's
     global_orient and transl in world axes; fps (); pts (T,) seconds; image_size (2,) height, width;
     flag_<name> (T,) bool per quality flag; fit_error_px, fit_error_rel (T,) rms distance of the fitted model's
-    landmarks to the observed ones, in pixels and as a fraction of the landmark box diagonal (NaN when invalid).
+    points to the observed ones it was fitted to (the embedded mesh vertices for the mediapipe backend, else
+    the 68 landmarks), in pixels and as a fraction of their box diagonal (NaN when invalid).
     """
     from fastavatar_stream.frames import EXTREME_POSE, FIT_FAILED, LOW_CONFIDENCE, NO_FACE, SEVERAL_FACES
 
@@ -146,8 +173,8 @@ def write_tracks(path: Path, frames: list[dict], tracker, camera, fps: float) ->
     lms = np.stack([fr["landmarks"] for fr in frames]).astype(np.float32)
     out["fit_error_px"], out["fit_error_rel"] = np.full(T, np.nan), np.full(T, np.nan)
     for t, fr in enumerate(frames):
-        if fr["valid"] and fr["pose"] is not None:
-            obs = lms[t, :, :2].astype(float)
+        if fr["valid"] and fr["pose"] is not None and fr["fit_points"] is not None:
+            obs = fr["fit_points"]
             err = camera.project(tracker.fitter.landmarks_world(fr["pose"], tracker.shape)) - obs
             rms = float(np.sqrt((err ** 2).sum(1).mean()))
             out["fit_error_px"][t] = rms
@@ -158,6 +185,8 @@ def write_tracks(path: Path, frames: list[dict], tracker, camera, fps: float) ->
         shape=tracker.shape.astype(np.float32),
         K=(camera.K if camera is not None else np.eye(3)).astype(np.float32),
         viewmat=(camera.viewmat if camera is not None else np.eye(4)).astype(np.float32),
+        mesh=np.stack([np.zeros((478, 3), np.float32) if fr["mesh"] is None else fr["mesh"] for fr in frames]),
+        backend=np.array(tracker.detector.name),
         fps=np.array(fps, dtype=np.float64), pts=np.array([fr["pts"] for fr in frames], dtype=np.float64),
         image_size=np.array(frames[0]["size"], dtype=np.int64))
     for flag in (NO_FACE, SEVERAL_FACES, LOW_CONFIDENCE, EXTREME_POSE, FIT_FAILED):
@@ -169,8 +198,9 @@ def write_tracks(path: Path, frames: list[dict], tracker, camera, fps: float) ->
     return out
 
 
-def write_preview(path: Path, images: list[np.ndarray], arrays: dict, head, model, tracker, camera, fps: float) -> None:
-    """Overlay video: fitted mesh wireframe (blue), observed landmarks (green), fitted landmarks (red)."""
+def write_preview(path: Path, images: list[np.ndarray], arrays: dict, head, tracker, camera, fps: float) -> None:
+    """Overlay video: fitted FLAME mesh wireframe (blue), MediaPipe face mesh (yellow), observed 68 landmarks
+    (green), the fitted model's points (red); `images` already carry the matte."""
     from tqdm import tqdm
 
     from fastavatar_stream.tracking.flame_fit import HeadPose
@@ -188,8 +218,9 @@ def write_preview(path: Path, images: list[np.ndarray], arrays: dict, head, mode
                                 arrays["jaw_pose"][t].astype(float), arrays["expression"][t].astype(float))
                 mesh_2d = project(head_vertices(head, pose, tracker.shape), camera)
                 model_2d = project(tracker.fitter.landmarks_world(pose, tracker.shape), camera)
+            face_mesh = arrays["mesh"][t, :, :2] if arrays["mesh"][t].any() else None
             overlay = draw_overlay(image, arrays["landmarks"][t] if arrays["box"][t].any() else None, model_2d,
-                                   mesh_2d, edges)
+                                   mesh_2d, edges, face_mesh)
             writer.write(overlay)
     finally:
         writer.close()

@@ -1,9 +1,11 @@
 """Face detectors with 68 iBUG landmarks behind one interface.
 
 Backends:
+- `MediaPipeDetector` (mediapipe_backend.py): BlazeFace, the 478-point face mesh and a matte; the 68
+  points come from the mesh. The default when mediapipe imports.
 - `DlibDetector`: dlib's HOG face detector and the 68-point shape predictor whose model file ships in the
   registry package `face-recognition-models` (found by path; importing that package needs pkg_resources).
-  Works offline on a fresh install; the default.
+  Works offline on a fresh install; the fallback.
 - `FaceAlignmentDetector`: the `face-alignment` package (FAN). Its weights are read from
   `$TORCH_HOME/hub/checkpoints`; we never let it download them and say which file is missing.
 
@@ -34,12 +36,14 @@ S3FD_FILE = "s3fd-619a316812.pth"               # face_alignment 1.5.0 detection
 @dataclass
 class Face:
     """box: (4,) x0, y0, x1, y1 pixels; landmarks: (68, 2) pixels; confidence in [0, 1];
-    point_confidence: (68,) per-landmark confidence in [0, 1]."""
+    point_confidence: (68,) per-landmark confidence in [0, 1]; mesh: (478, 3) MediaPipe face mesh (x, y
+    pixels, z as MediaPipe gives it) from backends that have one, else None."""
 
     box: np.ndarray
     landmarks: np.ndarray
     confidence: float
     point_confidence: np.ndarray
+    mesh: np.ndarray | None = None
 
     @property
     def area(self) -> float:
@@ -178,14 +182,26 @@ class FaceAlignmentDetector:
                     float(min(confidence, point_conf.mean())), point_conf)
 
 
+LANDMARK_BACKENDS = ("auto", "mediapipe", "dlib", "face-alignment")
+
+
 def make_detector(name: str = "auto", **kwargs) -> LandmarkDetector:
-    """'auto' (face-alignment when its weights are present, else dlib), 'dlib' or 'face-alignment'."""
+    """'auto' (mediapipe when it imports, else face-alignment when its weights are present, else dlib),
+    'mediapipe', 'dlib' or 'face-alignment'. kwargs go to the dlib and face-alignment backends."""
+    from fastavatar_stream.tracking.mediapipe_backend import MediaPipeDetector
+
     if name == "auto":
+        try:
+            return MediaPipeDetector()
+        except InputError as err:
+            log.info("landmark detector: not mediapipe: %s", err)
         name = "face-alignment" if face_alignment_available() else "dlib"
         log.info("landmark detector: %s%s", name, "" if name != "dlib" else
                  f" (face-alignment weights {FAN_FILE} not in {torch_hub_checkpoints()})")
+    if name == "mediapipe":
+        return MediaPipeDetector()
     if name == "dlib":
         return DlibDetector(**kwargs)
     if name in ("face-alignment", "face_alignment", "fan"):
         return FaceAlignmentDetector(**kwargs)
-    raise InputError(f"unknown landmark detector {name!r}: use auto, dlib or face-alignment")
+    raise InputError(f"unknown landmark backend {name!r}: use {', '.join(LANDMARK_BACKENDS)}")

@@ -1,4 +1,4 @@
-"""FLAME fit to 68 landmarks: damped Gauss-Newton (Levenberg-Marquardt) with closed-form Jacobians.
+"""FLAME fit to landmarks (68 iBUG points or a dense face mesh): damped Gauss-Newton (Levenberg-Marquardt) with closed-form Jacobians.
 
 Per frame the unknowns are head rotation (3), translation (3), jaw rotation (3) and the first E_fit
 expression coefficients; identity β is solved jointly over a few frames (Schur complement over the
@@ -22,7 +22,6 @@ from fastavatar_stream.tracking.landmark_model import LandmarkModel
 from fastavatar_stream.tracking.rotations import axis_angle, left_jacobian_inverse, rotation_matrix, skew
 
 FLAME_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
-CONTOUR = np.arange(0, 17)
 
 
 def intrinsics_from_larger_side_fov(fov_degrees: float, width: int, height: int) -> np.ndarray:
@@ -61,7 +60,7 @@ class PinholeCamera:
 
 @dataclass
 class View:
-    """Observed landmarks in one camera: points (68, 2) pixels, weights (68,) >= 0 (0 drops a point)."""
+    """Observed landmarks in one camera: points (N, 2) pixels, weights (N,) >= 0 (0 drops a point)."""
 
     camera: PinholeCamera
     points: np.ndarray
@@ -128,7 +127,7 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """pose: fitted parameters; errors_px: (V, 68) reprojection error per view; rms_px over weighted points;
+    """pose: fitted parameters; errors_px: (V, N) reprojection error per view; rms_px over weighted points;
     rms_rel: rms error as a fraction of the face size; iterations run; cost: final objective."""
 
     pose: HeadPose
@@ -163,7 +162,7 @@ class _State:
 
 
 class LandmarkFitter:
-    """Fits FLAME to 68 landmarks in one or more calibrated views.
+    """Fits FLAME to the model's N landmarks in one or more calibrated views.
 
     `fit_frame` solves one time step (warm-started, with the temporal prior when `previous` is given);
     `fit_identity` solves β jointly with the poses of several time steps.
@@ -178,8 +177,9 @@ class LandmarkFitter:
         self.n_pose = 9 + self.n_expression
         m = self.model
         self._jaw_w = m.jaw_weight[:, None, None]
-        self._point_weights = np.ones(68)
-        self._point_weights[CONTOUR] = self.config.contour_weight
+        self.n_points = m.n_points
+        self._point_weights = np.ones(self.n_points)
+        self._point_weights[m.contour] = self.config.contour_weight
         E, n = self.n_expression, self.n_pose
         self._prior_expression = np.zeros((E, n))
         self._prior_expression[:, 9:] = np.eye(E) / self.config.expression_sigma
@@ -234,7 +234,7 @@ class LandmarkFitter:
         return full, results
 
     def landmarks_world(self, pose: HeadPose, shape: np.ndarray | None = None) -> np.ndarray:
-        """(68, 3) world positions of the model landmarks for `pose`."""
+        """(N, 3) world positions of the model landmarks for `pose`."""
         return self._points(_State.from_pose(pose, self.n_expression), self._shape_part(self._shape(shape)))[0]
 
     # ------------------------------------------------------------------------------------------ internals
@@ -255,7 +255,7 @@ class LandmarkFitter:
         return m.template + m.shape_dirs @ b, m.root_joint + m.root_shape_dirs @ b, m.jaw_joint + m.jaw_shape_dirs @ b
 
     def _points(self, s: _State, base, jacobian: bool = False, shape_jacobian: bool = False):
-        """World landmarks P (68, 3) and, on request, dP/d[δr, t, δjaw, ψ] (68, 3, 9+E) and dP/dβ (68, 3, S)."""
+        """World landmarks P (N, 3) and, on request, dP/d[δr, t, δjaw, ψ] (N, 3, 9+E) and dP/dβ (N, 3, S)."""
         m = self.model
         u = base[0] + m.expr_dirs @ s.psi
         j0 = base[1] + m.root_expr_dirs @ s.psi
@@ -267,7 +267,7 @@ class LandmarkFitter:
         P = Ra + j0 + s.t
         if not jacobian:
             return P, None, None
-        J = np.empty((68, 3, self.n_pose))
+        J = np.empty((self.n_points, 3, self.n_pose))
         J[:, :, 0:3] = -skew(Ra)
         J[:, :, 3:6] = np.eye(3)
         J[:, :, 6:9] = -(s.Rg @ (self._jaw_w * skew(Rd)))
@@ -276,7 +276,7 @@ class LandmarkFitter:
         return P, J, Js
 
     def _blend_jacobian(self, s: _State, dirs, root_dirs, jaw_dirs) -> np.ndarray:
-        """dP/dcoef (68, 3, N) for blendshapes `dirs` (68, 3, N) that also move the root and jaw joints."""
+        """dP/dcoef (N, 3, K) for blendshapes `dirs` (N, 3, K) that also move the root and jaw joints."""
         M = s.Rj - np.eye(3)
         dq = dirs + self._jaw_w * (M @ (dirs - jaw_dirs[None]))
         return s.Rg @ (dq - root_dirs[None]) + root_dirs[None]
@@ -301,7 +301,7 @@ class LandmarkFitter:
                     Jc = cam.R @ jac
                     Juv = (Jc[:, :2] - uv[:, :, None] * Jc[:, 2:3]) / z[:, None, None]
                     Jp = (cam.K[:2, :2] @ Juv) * scale[:, None, None]
-                    out.append(Jp.reshape(136, -1))
+                    out.append(Jp.reshape(2 * self.n_points, -1))
         r = np.concatenate(rs)
         return r, (np.concatenate(Js_out) if Js_out else None), (np.concatenate(Jb_out) if Jb_out else None)
 
@@ -454,7 +454,7 @@ class LandmarkFitter:
         for v in views:
             c = P @ v.camera.R.T + v.camera.t
             if np.any(c[:, 2] < 1e-3):
-                errors.append(np.full(68, np.inf))
+                errors.append(np.full(self.n_points, np.inf))
                 rel.append(np.inf)
                 continue
             e = np.linalg.norm(v.camera.project(P) - v.points, axis=1)

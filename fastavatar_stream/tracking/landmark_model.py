@@ -1,8 +1,9 @@
-"""The head model restricted to the 68 landmarks, as linear blendshapes plus a jaw joint (numpy float64).
+"""The head model restricted to its landmarks, as linear blendshapes plus a jaw joint (numpy float64).
 
-The tracker never runs the full mesh: at the landmarks FLAME is
+Landmarks are the 68 iBUG points, or the MediaPipe face-mesh vertices of the head's MediaPipe embedding
+(`mesh_indices` says which). The tracker never runs the full mesh: at the N landmarks FLAME is
 
-    u(β, ψ)  = template + shape_dirs·β + expr_dirs·ψ                    (68, 3) rest positions
+    u(β, ψ)  = template + shape_dirs·β + expr_dirs·ψ                    (N, 3) rest positions
     j(β, ψ)  = joint + joint_shape_dirs·β + joint_expr_dirs·ψ           root and jaw joint centres
     q        = u + w_jaw ⊙ (R_jaw − I)(u − j_jaw)                       jaw opening (LBS, neck/eyes at rest)
     p        = R_head (q − j_root) + j_root + translation                FLAME world (y up, face along +z)
@@ -12,23 +13,30 @@ pose-corrective blendshapes (millimetre-level at the landmarks; the solver treat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+IBUG_CONTOUR = np.arange(17)        # the jaw line of the 68 iBUG points
+# MediaPipe's face-oval vertices: like iBUG's jaw line they sit on the silhouette and slide with the view
+MESH_FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+                  148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
 
 
 @dataclass
 class LandmarkModel:
     """Linear landmark model (float64).
 
-    template:          (68, 3) rest landmark positions, metres, FLAME axes
-    shape_dirs:        (68, 3, S) identity blendshapes at the landmarks
-    expr_dirs:         (68, 3, E) expression blendshapes at the landmarks
-    jaw_weight:        (68,) LBS weight of the jaw joint at each landmark
+    template:          (N, 3) rest landmark positions, metres, FLAME axes
+    shape_dirs:        (N, 3, S) identity blendshapes at the landmarks
+    expr_dirs:         (N, 3, E) expression blendshapes at the landmarks
+    jaw_weight:        (N,) LBS weight of the jaw joint at each landmark
     root_joint:        (3,) rest position of the root joint (head rotation centre)
     root_shape_dirs:   (3, S), root_expr_dirs: (3, E) how the root joint moves with β and ψ
     jaw_joint:         (3,) rest position of the jaw joint
     jaw_shape_dirs:    (3, S), jaw_expr_dirs: (3, E)
+    contour:           indices of the landmarks on the face's silhouette (weighted down by the fit)
+    mesh_indices:      (N,) the MediaPipe mesh vertex of each landmark, or None for the 68 iBUG points
     """
 
     template: np.ndarray
@@ -41,6 +49,12 @@ class LandmarkModel:
     jaw_joint: np.ndarray
     jaw_shape_dirs: np.ndarray
     jaw_expr_dirs: np.ndarray
+    contour: np.ndarray = field(default_factory=lambda: IBUG_CONTOUR.copy())
+    mesh_indices: np.ndarray | None = None
+
+    @property
+    def n_points(self) -> int:
+        return int(self.template.shape[0])
 
     @property
     def n_shape(self) -> int:
@@ -57,12 +71,24 @@ class LandmarkModel:
             template=self.template, shape_dirs=self.shape_dirs[:, :, :s], expr_dirs=self.expr_dirs[:, :, :e],
             jaw_weight=self.jaw_weight, root_joint=self.root_joint, root_shape_dirs=self.root_shape_dirs[:, :s],
             root_expr_dirs=self.root_expr_dirs[:, :e], jaw_joint=self.jaw_joint,
-            jaw_shape_dirs=self.jaw_shape_dirs[:, :s], jaw_expr_dirs=self.jaw_expr_dirs[:, :e])
+            jaw_shape_dirs=self.jaw_shape_dirs[:, :s], jaw_expr_dirs=self.jaw_expr_dirs[:, :e], contour=self.contour,
+            mesh_indices=self.mesh_indices)
 
     @classmethod
     def from_head(cls, head) -> "LandmarkModel":
-        """Build from an `engine.HeadModel` through its `landmark_basis()`."""
+        """The 68 iBUG landmarks of an `engine.HeadModel` (through its `landmark_basis()`)."""
         return _from_landmark_basis(head.landmark_basis())
+
+    @classmethod
+    def mesh_from_head(cls, head) -> "LandmarkModel | None":
+        """The MediaPipe face-mesh vertices of `head`'s MediaPipe embedding; None when the head has none."""
+        if getattr(head, "mediapipe", None) is None:
+            return None
+        mesh_indices = np.asarray(head.mediapipe.mesh_indices, dtype=np.int64)
+        model = _from_landmark_basis(head.landmark_basis(head.mediapipe))
+        model.contour = np.nonzero(np.isin(mesh_indices, MESH_FACE_OVAL))[0]
+        model.mesh_indices = mesh_indices
+        return model
 
     @classmethod
     def synthetic(cls, n_shape: int = 20, n_expression: int = 20, seed: int = 0) -> "LandmarkModel":

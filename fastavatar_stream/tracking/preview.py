@@ -1,5 +1,5 @@
-"""Draw the tracking result over a frame: the fitted mesh (wireframe edges or vertices), the observed
-landmarks (green) and the fitted model's landmarks (red). Pillow only; a PyAV writer for preview videos."""
+"""Draw the tracking result over a frame: the fitted mesh (wireframe edges or vertices), the tracker's face
+mesh (yellow dots), the observed landmarks (green) and the fitted model's landmarks (red). Pillow only; a PyAV writer for preview videos."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,11 +19,12 @@ def mesh_edges(faces: np.ndarray) -> np.ndarray:
 
 def draw_overlay(image: np.ndarray, landmarks: np.ndarray | None = None, model_landmarks: np.ndarray | None = None,
                  mesh_2d: np.ndarray | None = None, edges: np.ndarray | None = None,
-                 max_edges: int = 6000) -> np.ndarray:
+                 face_mesh: np.ndarray | None = None, max_edges: int = 6000) -> np.ndarray:
     """(H, W, 3) uint8 copy of `image` with the overlay.
 
     landmarks: (68, 2) observed; model_landmarks: (68, 2) fitted, projected; mesh_2d: (V, 2) projected mesh
-    vertices, drawn as edges when `edges` (N, 2) is given (subsampled to max_edges), else as dots.
+    vertices, drawn as edges when `edges` (N, 2) is given (subsampled to max_edges), else as dots;
+    face_mesh: (478, 2) the tracker's face mesh (MediaPipe), drawn as dots.
     """
     canvas = Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
     draw = ImageDraw.Draw(canvas)
@@ -35,6 +36,9 @@ def draw_overlay(image: np.ndarray, landmarks: np.ndarray | None = None, model_l
         else:
             for x, y in mesh_2d[:: max(1, len(mesh_2d) // 4000)]:
                 draw.point((float(x), float(y)), fill=(90, 160, 255))
+    if face_mesh is not None:
+        for x, y in face_mesh:
+            draw.point((float(x), float(y)), fill=(255, 220, 0))
     radius = max(1.0, min(image.shape[:2]) / 256)
     for pts, colour in ((landmarks, (0, 230, 0)), (model_landmarks, (255, 40, 40))):
         if pts is None:

@@ -1,4 +1,8 @@
-"""Per-session face tracker: frame -> TrackedFrame (box, 68 landmarks, FLAME fit, quality flags).
+"""Per-session face tracker: frame -> TrackedFrame (box, 68 landmarks, face mesh and matte where the backend
+gives them, FLAME fit, quality flags).
+
+With a mesh backend (MediaPipe) and a head that has a MediaPipe embedding, FLAME is fitted to the embedded
+mesh vertices (the dense fit); otherwise to the 68 landmarks.
 
 Monocular: a fixed camera (intrinsics from `fov_degrees` across the larger image side, or the user's K)
 at the world origin with world-to-camera diag(1, -1, -1) (see flame_fit); the head moves.
@@ -18,7 +22,7 @@ import numpy as np
 from engine.errors import InputError
 from fastavatar_stream.frames import (EXTREME_POSE, FIT_FAILED, LOW_CONFIDENCE, NO_FACE, SEVERAL_FACES, UNUSABLE,
                                       FlameFit, TrackedFrame)
-from fastavatar_stream.tracking.box_tracker import BoxTracker
+from fastavatar_stream.tracking.box_tracker import BoxTracker, landmark_box
 from fastavatar_stream.tracking.detectors import LandmarkDetector, make_detector
 from fastavatar_stream.tracking.flame_fit import (FitConfig, FitResult, HeadPose, LandmarkFitter, PinholeCamera, View,
                                                   intrinsics_from_larger_side_fov)
@@ -33,12 +37,13 @@ MAX_SIDE = 16384               # larger frames are refused (memory), not silentl
 
 @dataclass
 class TrackerConfig:
-    """detector: auto | dlib | face-alignment; redetect_every: run the detector every K frames (and when lost);
+    """detector: the landmark backend, auto | mediapipe | dlib | face-alignment; redetect_every: run the detector every K frames (and when lost);
     fov_degrees: default horizontal-or-larger-side field of view when K is not given (40 deg: a webcam at arm's
     length); identity_frames: usable frames over which β is solved before it is held;
     min_confidence: below it a frame is LOW_CONFIDENCE; max_yaw/max_pitch (deg): beyond, EXTREME_POSE;
     max_fit_error: rms landmark error / face size above which the fit failed; lost_fit_error: above it on a
-    tracked (not detected) frame the track is dropped and the frame re-detected."""
+    tracked (not detected) frame the track is dropped and the frame re-detected; matte: compute a matte on
+    every frame with a face (backends that have one)."""
 
     detector: str = "auto"
     redetect_every: int = 10
@@ -51,6 +56,7 @@ class TrackerConfig:
     max_fit_error: float = 0.05
     lost_fit_error: float = 0.03
     detect_max_side: int = 640
+    matte: bool = True
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -87,15 +93,19 @@ class FaceTracker:
     (it flags it), only for frames that are not images (InputError)."""
 
     def __init__(self, model: LandmarkModel | None = None, config: TrackerConfig | None = None,
-                 detector: LandmarkDetector | None = None):
+                 detector: LandmarkDetector | None = None, mesh_model: LandmarkModel | None = None):
+        """model: the 68-point model; mesh_model: the head's MediaPipe-embedding model, fitted instead when the
+        backend gives a mesh (both from the embedded head when model is None)."""
         self.config = config or TrackerConfig()
         if model is None:
             import engine
 
-            model = LandmarkModel.from_head(engine.load_head())
-        self.model = model
-        self.fitter = LandmarkFitter(model, self.config.fit)
+            head = engine.load_head()
+            model, mesh_model = LandmarkModel.from_head(head), LandmarkModel.mesh_from_head(head)
         self.detector = detector or make_detector(self.config.detector, detect_max_side=self.config.detect_max_side)
+        dense = getattr(self.detector, "mesh_points", 0) and mesh_model is not None
+        self.model = mesh_model if dense else model
+        self.fitter = LandmarkFitter(self.model, self.config.fit)
         self.boxes = BoxTracker(self.detector, self.config.redetect_every)
         self.shape = np.zeros(model.n_shape)
         self.counts: Counter = Counter()
@@ -119,6 +129,15 @@ class FaceTracker:
     def identity_refits(self) -> dict[int, HeadPose]:
         """Frame index -> pose re-solved jointly with the held β (the frames that carried a provisional β)."""
         return dict(self._identity_refits)
+
+    def fit_points(self, face) -> np.ndarray | None:
+        """(N, 2) the observed points the FLAME fit matches: the embedded mesh vertices for the dense fit, else
+        the 68 landmarks; None when the dense fit has no mesh for this face. `face`: a Face or TrackedFrame."""
+        if self.model.mesh_indices is None:
+            return np.asarray(face.landmarks[:, :2], dtype=np.float64)
+        if face.mesh is None:
+            return None
+        return np.asarray(face.mesh[self.model.mesh_indices, :2], dtype=np.float64)
 
     def track(self, image, pts: float, index: int, t_capture: float = 0.0) -> TrackedFrame:
         frame = as_rgb_frame(image)
@@ -146,6 +165,7 @@ class FaceTracker:
                                    frozenset({NO_FACE}), camera.K)
             result = self._fit(camera, obs.face)
         face = obs.face
+        matte = self._matte(frame, face)
         flags = set()
         if obs.n_faces > 1:
             flags.add(SEVERAL_FACES)
@@ -157,26 +177,39 @@ class FaceTracker:
             self._previous = None
             self.boxes.mark_lost()
             self.counts[FIT_FAILED] += 1
-            return self._frame(frame, pts, index, t_capture, None, landmarks, face.box, frozenset(flags), camera.K)
+            return self._frame(frame, pts, index, t_capture, None, landmarks, face.box, frozenset(flags), camera.K,
+                               face.mesh, matte)
         rotation_cam, _ = result.pose.in_camera(self.model, self.shape, camera)
         yaw, pitch = head_angles(rotation_cam)
         if abs(yaw) > self.config.max_yaw_degrees or abs(pitch) > self.config.max_pitch_degrees:
             flags.add(EXTREME_POSE)
         self._previous = result.pose
         if not (flags & UNUSABLE):
-            self._collect_identity(index, [View(camera, face.landmarks, face.point_confidence)], result.pose)
+            self._collect_identity(index, [self._view(camera, face)], result.pose)
         for f in flags:
             self.counts[f] += 1
         self.counts["usable" if not flags & UNUSABLE else "unusable"] += 1
         return self._frame(frame, pts, index, t_capture, self._flame(result.pose), landmarks, face.box,
-                           frozenset(flags), camera.K)
+                           frozenset(flags), camera.K, face.mesh, matte)
 
     # ------------------------------------------------------------------------------------------ internals
+    def _view(self, camera: PinholeCamera, face) -> View:
+        weights = face.point_confidence if self.model.mesh_indices is None else None
+        return View(camera, self.fit_points(face), weights)
+
     def _fit(self, camera: PinholeCamera, face) -> FitResult | None:
-        if not np.all(np.isfinite(face.landmarks)) or np.ptp(face.landmarks, axis=0).min() < 4:
+        points = self.fit_points(face)
+        if points is None or not np.all(np.isfinite(points)) or np.ptp(points, axis=0).min() < 4:
             return None
-        view = View(camera, face.landmarks, face.point_confidence)
-        return self.fitter.fit_frame([view], self.shape, previous=self._previous)
+        return self.fitter.fit_frame([self._view(camera, face)], self.shape, previous=self._previous)
+
+    def _matte(self, frame: np.ndarray, face) -> np.ndarray | None:
+        if not self.config.matte or not hasattr(self.detector, "matte"):
+            return None
+        outline = face.mesh[:, :2] if face.mesh is not None else face.landmarks
+        if not np.all(np.isfinite(outline)) or np.ptp(outline, axis=0).min() < 4:
+            return None
+        return self.detector.matte(frame, landmark_box(outline))
 
     def _collect_identity(self, index: int, views: list[View], pose: HeadPose) -> None:
         if self._identity_done:
@@ -200,8 +233,10 @@ class FaceTracker:
                         neck=np.zeros(3, np.float32), jaw=pose.jaw.astype(np.float32), eyes=np.zeros(6, np.float32),
                         translation=pose.translation.astype(np.float32))
 
-    def _frame(self, image, pts, index, t_capture, flame, landmarks, box, flags, K) -> TrackedFrame:
+    def _frame(self, image, pts, index, t_capture, flame, landmarks, box, flags, K, mesh=None,
+               matte=None) -> TrackedFrame:
         viewmat = self._camera.viewmat if self._camera is not None else PinholeCamera(np.eye(3)).viewmat
         return TrackedFrame(image=image, pts=float(pts), index=int(index), K=np.asarray(K, np.float32),
                             viewmat=viewmat.astype(np.float32), flame=flame, landmarks=landmarks.astype(np.float32),
-                            box=np.asarray(box, np.float32), flags=flags, t_capture=t_capture)
+                            box=np.asarray(box, np.float32), flags=flags, t_capture=t_capture,
+                            mesh=None if mesh is None else mesh.astype(np.float32), matte=matte)

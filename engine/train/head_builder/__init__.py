@@ -6,7 +6,8 @@ Writes `FLAME_NEUTRAL.npz` (smplx's FLAME keys: v_template, f, shapedirs with 30
 expression columns, posedirs (all zero: no pose correctives), J_regressor, weights, kintree_table,
 plus shape_names / expression_names / n_shape / n_expression saying which columns are meaningful),
 `flame_static_embedding.pkl` (the 51 inner landmarks smplx's constructor insists on),
-`landmarks_68.npz` (our 68-point iBUG embedding) and `metadata.json`. Deterministic: no randomness.
+`landmarks_68.npz` (our 68-point iBUG embedding), `mediapipe_landmark_embedding.npz` (MediaPipe face-mesh
+vertices on our skin, in the layout of FLAME's file of that name) and `metadata.json`. Deterministic: no randomness.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ EXPRESSION_COLUMNS = 100
 MODEL_FILE = "FLAME_NEUTRAL.npz"
 STATIC_EMBEDDING_FILE = "flame_static_embedding.pkl"
 LANDMARKS_FILE = "landmarks_68.npz"
+MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 
 
 @dataclass
@@ -39,6 +41,9 @@ class HeadAssets:
     lmk_face_idx: np.ndarray  # (68,)
     lmk_b_coords: np.ndarray  # (68,3)
     part: np.ndarray  # (V,) 0 skin, 1 left eyeball, 2 right eyeball, 3/4 mouth pocket upper/lower
+    mediapipe_face_idx: np.ndarray  # (N,)
+    mediapipe_b_coords: np.ndarray  # (N,3)
+    mediapipe_indices: np.ndarray  # (N,) MediaPipe face-mesh vertex ids
 
 
 def build_head() -> HeadAssets:
@@ -46,6 +51,7 @@ def build_head() -> HeadAssets:
     from .face_reference import load_face_reference
     from .geometry import build_geometry
     from .landmarks import embed_landmarks
+    from .mediapipe_embedding import embed_mediapipe
     from .rig import joint_positions, joint_regressor, kintree_table, lbs_weights
 
     face = load_face_reference()
@@ -53,10 +59,12 @@ def build_head() -> HeadAssets:
     shapedirs, shape_names, exprdirs, expr_names = build_blendshapes(face, geo)
     joints = joint_positions(geo)
     lmk_f, lmk_b = embed_landmarks(face, geo)
+    mp_f, mp_b, mp_ids = embed_mediapipe(face, geo)
     return HeadAssets(v_template=geo.vertices, faces=geo.faces, shapedirs=shapedirs, shape_names=shape_names,
                       exprdirs=exprdirs, expression_names=expr_names, weights=lbs_weights(geo), joints=joints,
                       J_regressor=joint_regressor(geo, joints), kintree_table=kintree_table(),
-                      lmk_face_idx=lmk_f, lmk_b_coords=lmk_b, part=geo.part)
+                      lmk_face_idx=lmk_f, lmk_b_coords=lmk_b, part=geo.part,
+                      mediapipe_face_idx=mp_f, mediapipe_b_coords=mp_b, mediapipe_indices=mp_ids)
 
 
 def write_head(assets: HeadAssets, out_dir: Path) -> list[Path]:
@@ -82,6 +90,10 @@ def write_head(assets: HeadAssets, out_dir: Path) -> list[Path]:
     lmk = out_dir / LANDMARKS_FILE
     np.savez_compressed(lmk, lmk_face_idx=assets.lmk_face_idx.astype(np.int64),
                         lmk_b_coords=assets.lmk_b_coords.astype(np.float64))
+    mediapipe = out_dir / MEDIAPIPE_FILE
+    np.savez_compressed(mediapipe, lmk_face_idx=assets.mediapipe_face_idx.astype(np.int64),
+                        lmk_b_coords=assets.mediapipe_b_coords.astype(np.float64),
+                        landmark_indices=assets.mediapipe_indices.astype(np.int64))
     meta = out_dir / "metadata.json"
     meta.write_text(json.dumps({
         "made_by": "python -m engine.train.head_builder --out <dir> (engine/train/head_builder, deterministic)",
@@ -93,6 +105,7 @@ def write_head(assets: HeadAssets, out_dir: Path) -> list[Path]:
         "joints": ["global", "neck", "jaw", "left_eye", "right_eye"],
         "posedirs": "zero (no pose correctives)",
         "landmarks": "68-point iBUG order; subject's right side (image-left) at -x",
+        "mediapipe_landmarks": f"{len(assets.mediapipe_indices)} MediaPipe face-mesh vertices (landmark_indices)",
         "units": "metres; y up; face looking along +z",
     }, indent=1) + "\n")
-    return [model, static, lmk, meta]
+    return [model, static, lmk, mediapipe, meta]
