@@ -1,6 +1,8 @@
 """Landmark backends, the box tracker and the tracker's handling of bad frames (offline dlib backend)."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -77,11 +79,18 @@ def test_box_tracker_detects_every_k_frames_and_follows_the_landmarks(dlib_detec
     assert np.median(errors) < 2.0 and max(errors) < 5.0
 
 
-def test_auto_picks_dlib_without_face_alignment_weights(tmp_path, monkeypatch, caplog):
+def test_auto_picks_mediapipe_when_it_imports():
+    detector = make_detector("auto")
+    assert detector.name == "mediapipe"
+    detector.close()
+
+
+def test_auto_picks_dlib_without_mediapipe_and_face_alignment_weights(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "mediapipe", None)                          # `import mediapipe` fails
     with caplog.at_level("INFO"):
         detector = make_detector("auto")
-    assert detector.name == "dlib" and "dlib" in caplog.text
+    assert detector.name == "dlib" and "dlib" in caplog.text and "mediapipe" in caplog.text
 
 
 def test_face_alignment_names_the_missing_weight_file(tmp_path, monkeypatch):

@@ -185,21 +185,21 @@ class FaceAlignmentDetector:
 LANDMARK_BACKENDS = ("auto", "mediapipe", "dlib", "face-alignment")
 
 
-def make_detector(name: str = "auto", **kwargs) -> LandmarkDetector:
+def make_detector(name: str = "auto", static_mesh: bool = False, **kwargs) -> LandmarkDetector:
     """'auto' (mediapipe when it imports, else face-alignment when its weights are present, else dlib),
-    'mediapipe', 'dlib' or 'face-alignment'. kwargs go to the dlib and face-alignment backends."""
+    'mediapipe', 'dlib' or 'face-alignment'. static_mesh goes to the mediapipe backend, kwargs to the others."""
     from fastavatar_stream.tracking.mediapipe_backend import MediaPipeDetector
 
     if name == "auto":
         try:
-            return MediaPipeDetector()
+            return MediaPipeDetector(static_mesh=static_mesh)
         except InputError as err:
             log.info("landmark detector: not mediapipe: %s", err)
         name = "face-alignment" if face_alignment_available() else "dlib"
         log.info("landmark detector: %s%s", name, "" if name != "dlib" else
                  f" (face-alignment weights {FAN_FILE} not in {torch_hub_checkpoints()})")
     if name == "mediapipe":
-        return MediaPipeDetector()
+        return MediaPipeDetector(static_mesh=static_mesh)
     if name == "dlib":
         return DlibDetector(**kwargs)
     if name in ("face-alignment", "face_alignment", "fan"):

@@ -41,18 +41,22 @@ def import_mediapipe():
 class MediaPipeDetector:
     """Face detection, face mesh and matte for one stream (the mesh keeps per-stream tracking state).
 
+    static_mesh: run the face mesh on every frame from a fresh detection instead of from the previous mesh
+    (slower; no feedback from one frame's mesh into the next one's crop, so closer to mirror-equivariant).
+
     Face.mesh is (478, 3): x, y in pixels, z as MediaPipe gives it (relative depth, about the scale of x
     in image-width units, smaller is nearer). confidence: BlazeFace's score at the last detection."""
 
     name = "mediapipe"
     mesh_points = MESH_POINTS
 
-    def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
+    def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5,
+                 static_mesh: bool = False):
         mp = import_mediapipe()
         self._detector = mp.solutions.face_detection.FaceDetection(
             model_selection=0, min_detection_confidence=min_detection_confidence)
         self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False, max_num_faces=1, refine_landmarks=True,
+            static_image_mode=static_mesh, max_num_faces=1, refine_landmarks=True,
             min_detection_confidence=min_detection_confidence, min_tracking_confidence=min_tracking_confidence)
         # the landscape model: as good around a face at a third of the cost (benchmarks/RESULTS.md)
         self._segmenter = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=1)

@@ -43,7 +43,8 @@ class TrackerConfig:
     min_confidence: below it a frame is LOW_CONFIDENCE; max_yaw/max_pitch (deg): beyond, EXTREME_POSE;
     max_fit_error: rms landmark error / face size above which the fit failed; lost_fit_error: above it on a
     tracked (not detected) frame the track is dropped and the frame re-detected; matte: compute a matte on
-    every frame with a face (backends that have one)."""
+    every frame with a face (backends that have one); mesh_tracking: MediaPipe's face mesh follows the face from
+    its previous mesh (False: from a fresh detection every frame)."""
 
     detector: str = "auto"
     redetect_every: int = 10
@@ -57,6 +58,7 @@ class TrackerConfig:
     lost_fit_error: float = 0.03
     detect_max_side: int = 640
     matte: bool = True
+    mesh_tracking: bool = True
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -102,7 +104,8 @@ class FaceTracker:
 
             head = engine.load_head()
             model, mesh_model = LandmarkModel.from_head(head), LandmarkModel.mesh_from_head(head)
-        self.detector = detector or make_detector(self.config.detector, detect_max_side=self.config.detect_max_side)
+        self.detector = detector or make_detector(self.config.detector, detect_max_side=self.config.detect_max_side,
+                                                  static_mesh=not self.config.mesh_tracking)
         dense = getattr(self.detector, "mesh_points", 0) and mesh_model is not None
         self.model = mesh_model if dense else model
         self.fitter = LandmarkFitter(self.model, self.config.fit)
