@@ -246,3 +246,27 @@ def test_dense_fit_recovers_a_known_pose_from_the_embedded_vertices(head):
     assert result.rms_px < 0.5
     angle = np.linalg.norm(result.pose.rotation - truth.rotation)
     assert math.degrees(angle) < 1.0
+
+
+def test_eye_poses_follow_the_irises(address_frames, mesh_mirror):
+    """Iris at the eye's centre: no rotation; moved towards image right: both eyes turn about +y (FLAME's gaze
+    to the subject's left); the mirrored mesh gives the mirrored poses (x kept, y negated, eyes swapped)."""
+    from fastavatar_stream.tracking.mesh_landmarks import eye_poses_from_mesh
+
+    mesh = MediaPipeDetector().detect(address_frames[0])[0].mesh[:, :2].astype(float)
+    real = eye_poses_from_mesh(mesh)
+    assert np.all(np.abs(real) < np.radians(25))                             # a speaker looking at the camera
+    centred = mesh.copy()
+    for iris, ring, (outer, inner) in ((468, range(468, 473), (33, 133)), (473, range(473, 478), (263, 362))):
+        shift = 0.5 * (mesh[outer] + mesh[inner]) - mesh[iris]
+        centred[list(ring)] += shift
+    looking_right = centred.copy()
+    looking_right[468:] += [8.0, 0.0]
+    straight, turned = eye_poses_from_mesh(centred), eye_poses_from_mesh(looking_right)
+    assert np.allclose(straight[[1, 4]], 0.0, atol=1e-9)
+    assert turned[1] > np.radians(5) and turned[4] > np.radians(5)
+    width = address_frames[0].shape[1]
+    mirrored = np.concatenate([mesh[:468][mesh_mirror], mesh[473:478], mesh[468:473]])
+    mirrored[:, 0] = width - mirrored[:, 0]
+    back = eye_poses_from_mesh(mirrored)
+    np.testing.assert_allclose(back[[3, 4, 0, 1]], real[[0, 1, 3, 4]] * [1, -1, 1, -1], atol=1e-6)

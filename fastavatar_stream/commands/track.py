@@ -123,6 +123,7 @@ def _summary(tracked, tracker) -> dict:
         pose = HeadPose(f.rotation.astype(float), f.translation.astype(float), f.jaw.astype(float),
                         f.expression.astype(float))
     return {"valid": tracked.flame is not None and not (tracked.flags & UNUSABLE), "pose": pose,
+            "eyes": tracked.flame.eyes if tracked.flame is not None else np.zeros(6, np.float32),
             "landmarks": tracked.landmarks, "box": tracked.box, "pts": tracked.pts, "flags": tracked.flags,
             "size": tracked.image.shape[:2], "mesh": tracked.mesh, "fit_points": tracker.fit_points(tracked)}
 
@@ -147,7 +148,8 @@ def write_tracks(path: Path, frames: list[dict], tracker, camera, fps: float) ->
 
     valid (T,) bool; landmarks (T, 68, 2) pixels; landmark_confidence (T, 68); box (T, 4);
     mesh (T, 478, 3) MediaPipe face mesh, x, y pixels, z as MediaPipe gives it (zeros without one);
-    backend () str, the landmark backend's name;
+    backend () str, the landmark backend's name; eye_pose (T, 6) FLAME eye poses, left then right eye (from
+    the irises; zeros for backends without a mesh);
     rotation (T, 3) head rotation axis-angle in camera axes (OpenCV; 0 = facing the camera);
     translation (T, 3) metres, camera-space position of the FLAME origin; expression (T, E); jaw_pose (T, 3);
     shape (S,); K (3, 3); viewmat (4, 4) world-to-camera; rotation_world, translation_world (T, 3) FLAME's
@@ -187,6 +189,7 @@ def write_tracks(path: Path, frames: list[dict], tracker, camera, fps: float) ->
         viewmat=(camera.viewmat if camera is not None else np.eye(4)).astype(np.float32),
         mesh=np.stack([np.zeros((478, 3), np.float32) if fr["mesh"] is None else fr["mesh"] for fr in frames]),
         backend=np.array(tracker.detector.name),
+        eye_pose=np.stack([fr["eyes"] for fr in frames]).astype(np.float32),
         fps=np.array(fps, dtype=np.float64), pts=np.array([fr["pts"] for fr in frames], dtype=np.float64),
         image_size=np.array(frames[0]["size"], dtype=np.int64))
     for flag in (NO_FACE, SEVERAL_FACES, LOW_CONFIDENCE, EXTREME_POSE, FIT_FAILED):

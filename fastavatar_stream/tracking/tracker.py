@@ -2,7 +2,8 @@
 gives them, FLAME fit, quality flags).
 
 With a mesh backend (MediaPipe) and a head that has a MediaPipe embedding, FLAME is fitted to the embedded
-mesh vertices (the dense fit); otherwise to the 68 landmarks.
+mesh vertices (the dense fit); otherwise to the 68 landmarks. Eye poses come from the irises where there is a
+mesh (zero otherwise).
 
 Monocular: a fixed camera (intrinsics from `fov_degrees` across the larger image side, or the user's K)
 at the world origin with world-to-camera diag(1, -1, -1) (see flame_fit); the head moves.
@@ -27,6 +28,7 @@ from fastavatar_stream.tracking.detectors import LandmarkDetector, make_detector
 from fastavatar_stream.tracking.flame_fit import (FitConfig, FitResult, HeadPose, LandmarkFitter, PinholeCamera, View,
                                                   intrinsics_from_larger_side_fov)
 from fastavatar_stream.tracking.landmark_model import LandmarkModel
+from fastavatar_stream.tracking.mesh_landmarks import eye_poses_from_mesh
 from fastavatar_stream.tracking.rotations import rotation_matrix
 
 log = logging.getLogger(__name__)
@@ -192,7 +194,8 @@ class FaceTracker:
         for f in flags:
             self.counts[f] += 1
         self.counts["usable" if not flags & UNUSABLE else "unusable"] += 1
-        return self._frame(frame, pts, index, t_capture, self._flame(result.pose), landmarks, face.box,
+        eyes = eye_poses_from_mesh(face.mesh) if face.mesh is not None else np.zeros(6)
+        return self._frame(frame, pts, index, t_capture, self._flame(result.pose, eyes), landmarks, face.box,
                            frozenset(flags), camera.K, face.mesh, matte)
 
     # ------------------------------------------------------------------------------------------ internals
@@ -229,11 +232,11 @@ class FaceTracker:
                 self._identity_done = True
                 log.debug("identity held after %d frames", n)
 
-    def _flame(self, pose: HeadPose) -> FlameFit:
+    def _flame(self, pose: HeadPose, eyes: np.ndarray) -> FlameFit:
         e = np.zeros(self.model.n_expression, np.float32)
         e[:len(pose.expression)] = pose.expression
         return FlameFit(shape=self.shape.astype(np.float32), expression=e, rotation=pose.rotation.astype(np.float32),
-                        neck=np.zeros(3, np.float32), jaw=pose.jaw.astype(np.float32), eyes=np.zeros(6, np.float32),
+                        neck=np.zeros(3, np.float32), jaw=pose.jaw.astype(np.float32), eyes=eyes.astype(np.float32),
                         translation=pose.translation.astype(np.float32))
 
     def _frame(self, image, pts, index, t_capture, flame, landmarks, box, flags, K, mesh=None,
