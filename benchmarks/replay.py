@@ -300,7 +300,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--refine", type=float, default=0.0,
                     help="per-session refinement budget in seconds (default 0: throughput of the feed-forward path)")
     ap.add_argument("--budget", type=int, default=60_000, help="Gaussian budget per avatar")
-    ap.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"])
+    ap.add_argument("--detector", "--landmarks", dest="detector", default="auto",
+                    choices=["auto", "mediapipe", "dlib", "face-alignment"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     ap.add_argument("--work", default=None, help="folder for the replays' outputs (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
