@@ -9,8 +9,8 @@ import pytest
 from engine.errors import InputError
 from fastavatar_stream.frames import NO_FACE, SEVERAL_FACES
 from fastavatar_stream.tracking.box_tracker import BoxTracker
-from fastavatar_stream.tracking.detectors import (FAN_FILE, DlibDetector, FaceAlignmentDetector, make_detector,
-                                                  shape_predictor_path)
+from fastavatar_stream.tracking.backends import make_detector
+from fastavatar_stream.tracking.detectors import FAN_FILE, DlibDetector, FaceAlignmentDetector, shape_predictor_path
 from fastavatar_stream.tracking.flame_fit import FitConfig
 from fastavatar_stream.tracking.landmark_model import LandmarkModel
 from fastavatar_stream.tracking.tracker import FaceTracker, TrackerConfig

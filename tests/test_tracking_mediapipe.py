@@ -14,7 +14,8 @@ from engine.errors import InputError
 from engine.head import read_mediapipe_embedding
 from fastavatar_stream.cli import main
 from fastavatar_stream.tracking import FaceTracker, HeadPose, LandmarkFitter, LandmarkModel, TrackerConfig, View
-from fastavatar_stream.tracking.detectors import DlibDetector, make_detector
+from fastavatar_stream.tracking.backends import make_detector
+from fastavatar_stream.tracking.detectors import DlibDetector
 from fastavatar_stream.tracking.mediapipe_backend import MediaPipeDetector
 from fastavatar_stream.tracking.mesh_landmarks import IBUG_FROM_MESH, ibug_from_mesh
 from fastavatar_stream.tracking.tracker import head_angles
@@ -236,9 +237,9 @@ def test_a_flame_users_mediapipe_embedding_file_is_read_and_checked(tmp_path, he
 def test_dense_fit_recovers_a_known_pose_from_the_embedded_vertices(head):
     model = LandmarkModel.mesh_from_head(head)
     fitter = LandmarkFitter(model)
-    from fastavatar_stream.tracking.flame_fit import PinholeCamera, intrinsics_from_fov
+    from fastavatar_stream.tracking.flame_fit import PinholeCamera, intrinsics_from_larger_side_fov
 
-    camera = PinholeCamera(intrinsics_from_fov(40.0, 512, 512))
+    camera = PinholeCamera(intrinsics_from_larger_side_fov(40.0, 512, 512))
     truth = HeadPose(np.array([0.1, 0.35, -0.05]), np.array([0.01, -0.02, -0.7]), np.array([0.15, 0.0, 0.0]),
                      np.zeros(fitter.n_expression))
     points = camera.project(fitter.landmarks_world(truth))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastavatar_stream.tracking.detectors import Face, LandmarkDetector
+from fastavatar_stream.tracking.detectors import Face, LandmarkDetector, iou, landmark_box
 
 
 @dataclass
@@ -20,19 +20,6 @@ class BoxObservation:
     face: Face
     detected: bool
     n_faces: int
-
-
-def landmark_box(points: np.ndarray) -> np.ndarray:
-    """(4,) x0, y0, x1, y1 around (N, 2) points."""
-    return np.concatenate([points.min(0), points.max(0)])
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 class BoxTracker:

@@ -1,6 +1,6 @@
-"""Face detectors with 68 iBUG landmarks behind one interface.
+"""Face detectors with 68 iBUG landmarks behind one interface (`LandmarkDetector`, `Face`), and two of them.
 
-Backends:
+Backends (`backends.make_detector` picks one by name):
 - `MediaPipeDetector` (mediapipe_backend.py): BlazeFace, the 478-point face mesh and a matte; the 68
   points come from the mesh. The default when mediapipe imports.
 - `DlibDetector`: dlib's HOG face detector and the 68-point shape predictor whose model file ships in the
@@ -48,6 +48,19 @@ class Face:
     @property
     def area(self) -> float:
         return float(max(self.box[2] - self.box[0], 0.0) * max(self.box[3] - self.box[1], 0.0))
+
+
+def landmark_box(points: np.ndarray) -> np.ndarray:
+    """(4,) x0, y0, x1, y1 around (N, 2) points."""
+    return np.concatenate([points.min(0), points.max(0)])
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 class LandmarkDetector(Protocol):
@@ -180,28 +193,3 @@ class FaceAlignmentDetector:
         point_conf = np.clip(np.asarray(scores[0], dtype=np.float64).reshape(68), 0.0, 1.0)
         return Face(np.asarray(box, float), np.asarray(pts[0], dtype=np.float64)[:, :2],
                     float(min(confidence, point_conf.mean())), point_conf)
-
-
-LANDMARK_BACKENDS = ("auto", "mediapipe", "dlib", "face-alignment")
-
-
-def make_detector(name: str = "auto", static_mesh: bool = False, **kwargs) -> LandmarkDetector:
-    """'auto' (mediapipe when it imports, else face-alignment when its weights are present, else dlib),
-    'mediapipe', 'dlib' or 'face-alignment'. static_mesh goes to the mediapipe backend, kwargs to the others."""
-    from fastavatar_stream.tracking.mediapipe_backend import MediaPipeDetector
-
-    if name == "auto":
-        try:
-            return MediaPipeDetector(static_mesh=static_mesh)
-        except InputError as err:
-            log.info("landmark detector: not mediapipe: %s", err)
-        name = "face-alignment" if face_alignment_available() else "dlib"
-        log.info("landmark detector: %s%s", name, "" if name != "dlib" else
-                 f" (face-alignment weights {FAN_FILE} not in {torch_hub_checkpoints()})")
-    if name == "mediapipe":
-        return MediaPipeDetector(static_mesh=static_mesh)
-    if name == "dlib":
-        return DlibDetector(**kwargs)
-    if name in ("face-alignment", "face_alignment", "fan"):
-        return FaceAlignmentDetector(**kwargs)
-    raise InputError(f"unknown landmark backend {name!r}: use {', '.join(LANDMARK_BACKENDS)}")

@@ -14,8 +14,7 @@ import warnings
 import numpy as np
 
 from engine.errors import InputError
-from fastavatar_stream.tracking.box_tracker import iou, landmark_box
-from fastavatar_stream.tracking.detectors import Face
+from fastavatar_stream.tracking.detectors import Face, iou, landmark_box
 from fastavatar_stream.tracking.mesh_landmarks import MESH_POINTS, ibug_from_mesh
 
 log = logging.getLogger(__name__)

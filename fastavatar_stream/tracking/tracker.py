@@ -23,8 +23,9 @@ import numpy as np
 from engine.errors import InputError
 from fastavatar_stream.frames import (EXTREME_POSE, FIT_FAILED, LOW_CONFIDENCE, NO_FACE, SEVERAL_FACES, UNUSABLE,
                                       FlameFit, TrackedFrame)
-from fastavatar_stream.tracking.box_tracker import BoxTracker, landmark_box
-from fastavatar_stream.tracking.detectors import LandmarkDetector, make_detector
+from fastavatar_stream.tracking.box_tracker import BoxTracker
+from fastavatar_stream.tracking.backends import make_detector
+from fastavatar_stream.tracking.detectors import LandmarkDetector, landmark_box
 from fastavatar_stream.tracking.flame_fit import (FitConfig, FitResult, HeadPose, LandmarkFitter, PinholeCamera, View,
                                                   intrinsics_from_larger_side_fov)
 from fastavatar_stream.tracking.landmark_model import LandmarkModel
