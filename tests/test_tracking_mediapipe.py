@@ -82,6 +82,23 @@ def test_track_cli_with_mediapipe_writes_mesh_backend_and_valid_frames(real_clip
     assert len(list((tmp_path / "mattes").glob("*.png"))) == T
 
 
+def test_preview_dims_what_the_matte_leaves_out_and_draws_over_the_face(shared_dir, tmp_path):
+    clip = shared_dir / "data" / "real" / "obama_talk_834x884.mp4"
+    preview = tmp_path / "preview.mp4"
+    assert main(["track", str(clip), "--out", str(tmp_path / "t.npz"), "--max-frames", "4", "--preview",
+                 str(preview), "--landmarks", "mediapipe"]) == 0
+    original = read_clip(clip, 4)[-1].astype(float)
+    shown = read_clip(preview, 4)[-1].astype(float)
+    h, w = shown.shape[:2]
+    k = h // 10
+    room, room_shown = original[:k, :k].mean(), shown[:k, :k].mean()
+    assert abs(room_shown - room / 3.0) < 0.1 * room                             # the room at a third
+    z = np.load(tmp_path / "t.npz")
+    x0, y0 = z["mesh"][-1, :, :2].min(0).astype(int)
+    x1, y1 = z["mesh"][-1, :, :2].max(0).astype(int)
+    assert np.abs(shown[y0:y1, x0:x1] - original[y0:y1, x0:x1]).mean() > 10    # the face carries the drawings
+
+
 def test_replay_and_serve_take_the_landmarks_choice():
     from fastavatar_stream.cli import build_parser
 
