@@ -109,6 +109,12 @@ def synthetic_tracker(dlib_detector) -> FaceTracker:
     return FaceTracker(model, TrackerConfig(fit=FitConfig(n_shape=10, n_expression=10)), detector=dlib_detector)
 
 
+@pytest.fixture(scope="module")
+def mediapipe_tracker() -> FaceTracker:
+    model = LandmarkModel.synthetic(10, 10)
+    return FaceTracker(model, TrackerConfig(detector="mediapipe", fit=FitConfig(n_shape=10, n_expression=10)))
+
+
 @pytest.mark.parametrize("name,image", [
     ("empty", np.zeros((0, 0, 3), np.uint8)),
     ("1x1", np.zeros((1, 1, 3), np.uint8)),
@@ -117,9 +123,10 @@ def synthetic_tracker(dlib_detector) -> FaceTracker:
     ("8000x8000", np.zeros((8000, 8000, 3), np.uint8)),
     ("grey single channel", np.full((64, 64), 10, np.uint8)),
 ])
-def test_bad_frames_are_flagged_not_crashes(synthetic_tracker, name, image):
-    frame = synthetic_tracker.track(image, 0.0, 0)
-    assert NO_FACE in frame.flags and not frame.usable and frame.flame is None
+@pytest.mark.parametrize("backend", ["synthetic_tracker", "mediapipe_tracker"])
+def test_bad_frames_are_flagged_not_crashes(request, backend, name, image):
+    frame = request.getfixturevalue(backend).track(image, 0.0, 0)
+    assert NO_FACE in frame.flags and not frame.usable and frame.flame is None and frame.matte is None
 
 
 def test_non_images_are_clear_errors(synthetic_tracker):
