@@ -9,7 +9,9 @@ Runs pinned to one core (torch and BLAS threads 1). Per backend and clip:
 - landmarks_ms: the per-frame landmark step between detections (mediapipe: face mesh in tracking mode), median
 - fit_ms: the FLAME fit alone, warm-started (mediapipe: the head's embedded mesh vertices; dlib: 68 points)
 - matte_ms: selfie segmentation limited to head and shoulders (mediapipe only)
-- tracker_ms median / p95 / p99 and tracker_fps (1 / median): FaceTracker.track() after the identity is held
+- tracker_ms median / p95 / p99 and tracker_fps (1 / median): FaceTracker.track() after the identity is held,
+  the backends' trackers taking turns frame by frame (they share the machine's load; the stage costs above are
+  measured one after the other)
 - reprojection: per frame the median distance of the fitted model's points to the observed points it fitted,
   divided by the inter-ocular distance (eye centres of the 68 points); median over frames
 - jitter: on the stillest 30-frame stretch (least motion of dlib's landmark centroid, shared by both backends),
@@ -87,11 +89,21 @@ def make_tracker(backend: str, head):
                        mesh_model=LandmarkModel.mesh_from_head(head))
 
 
-def measure(backend: str, clip: str, frames: list[np.ndarray], head, still: slice) -> dict:
+def track_interleaved(trackers: list, frames: list[np.ndarray]) -> tuple[list[list], list[list[float]]]:
+    """Every tracker on every frame, the trackers taking turns frame by frame so that they share whatever else
+    loads the machine at the time; per tracker the TrackedFrames and the seconds each track() took."""
+    tracked, times = [[] for _ in trackers], [[] for _ in trackers]
+    for i, image in enumerate(frames):
+        for k, tracker in enumerate(trackers):
+            t0 = time.perf_counter()
+            tracked[k].append(tracker.track(image, i / 25.0, i))
+            times[k].append(time.perf_counter() - t0)
+    return tracked, times
+
+
+def measure(tracker, tracked: list, t_track: list[float], clip: str, frames: list[np.ndarray], still: slice) -> dict:
     from fastavatar_stream.tracking import HeadPose, View
 
-    tracker = make_tracker(backend, head)
-    tracked, t_track = timed(lambda item: tracker.track(item[1], item[0] / 25.0, item[0]), list(enumerate(frames)))
     steady = t_track[tracker.config.identity_frames + 1:]
     detector = tracker.detector
     h, w = frames[0].shape[:2]
@@ -194,8 +206,10 @@ def main() -> None:
         frames = read_clip(REAL / clip, args.frames)
         dlib_landmarks = np.stack([dlib.detect(im)[0].landmarks for im in frames])
         still = stillest_stretch(dlib_landmarks)
-        for backend in args.backends:
-            row = measure(backend, clip, frames, head, still)
+        trackers = [make_tracker(backend, head) for backend in args.backends]
+        tracked, times = track_interleaved(trackers, frames)
+        for tracker, frames_out, t_track in zip(trackers, tracked, times):
+            row = measure(tracker, frames_out, t_track, clip, frames, still)
             rows.append(row)
             print(json.dumps(row))
     mirror_frames = read_clip(REAL / CLIPS[0], args.mirror_frames)
