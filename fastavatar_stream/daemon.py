@@ -208,6 +208,9 @@ class Daemon:
             session.report.errors.append(session.error)
         finally:
             session.tracking_done.set()
+            close_tracker = getattr(session.tracker, "close", None)
+            if close_tracker is not None:
+                close_tracker()
             try:
                 source.close()
             except Exception:

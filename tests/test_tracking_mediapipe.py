@@ -209,6 +209,15 @@ def test_matte_covers_the_face_and_leaves_the_room_out(shared_dir, head):
     assert matte[-k:, w // 2 - k:w // 2 + k].mean() > 0.9                       # his shirt and tie stay
 
 
+def test_closing_a_tracker_releases_mediapipe_once(head, address_frames):
+    t = tracker(head)
+    assert t.track(address_frames[0], 0.0, 0).usable
+    t.close()
+    t.close()                                                                   # a second close is harmless
+    with pytest.raises(ValueError, match="_graph is None"):
+        t.detector.mesh(address_frames[1])                                      # its graphs are gone
+
+
 def test_backends_without_a_matte_leave_it_none(head, address_frames):
     frame = FaceTracker(LandmarkModel.from_head(head), TrackerConfig(detector="dlib")).track(address_frames[0], 0, 0)
     assert frame.usable and frame.matte is None and frame.mesh is None

@@ -59,6 +59,7 @@ class MediaPipeDetector:
             min_detection_confidence=min_detection_confidence, min_tracking_confidence=min_tracking_confidence)
         # the landscape model: as good around a face at a third of the cost (benchmarks/RESULTS.md)
         self._segmenter = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=1)
+        self._solutions = (self._detector, self._mesh, self._segmenter)
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """The face the mesh follows first (with the detection box that matches it), then any other detected
@@ -101,8 +102,10 @@ class MediaPipeDetector:
         return np.clip(mask, 0.0, 1.0).astype(np.float32) * head_and_shoulders(image.shape[:2], face_box)
 
     def close(self) -> None:
-        for solution in (self._detector, self._mesh, self._segmenter):
+        """Stop MediaPipe's graphs (their threads and models); the detector is unusable afterwards."""
+        for solution in self._solutions:
             solution.close()
+        self._solutions = ()
 
     def _detections(self, image: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
         h, w = image.shape[:2]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -120,6 +121,7 @@ class FaceTracker:
         self._identity_done = False
         self._identity_refits: dict[int, HeadPose] = {}
         self._camera: PinholeCamera | None = None
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ API
     def camera_for(self, width: int, height: int) -> PinholeCamera:
@@ -145,7 +147,17 @@ class FaceTracker:
             return None
         return np.asarray(face.mesh[self.model.mesh_indices, :2], dtype=np.float64)
 
+    def close(self) -> None:
+        """Release the backend's resources (MediaPipe's graphs and threads); waits for a track() in flight."""
+        with self._lock:
+            if hasattr(self.detector, "close"):
+                self.detector.close()
+
     def track(self, image, pts: float, index: int, t_capture: float = 0.0) -> TrackedFrame:
+        with self._lock:
+            return self._track(image, pts, index, t_capture)
+
+    def _track(self, image, pts: float, index: int, t_capture: float) -> TrackedFrame:
         frame = as_rgb_frame(image)
         if frame is None:
             self.counts[NO_FACE] += 1
