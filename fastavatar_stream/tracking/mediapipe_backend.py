@@ -7,8 +7,6 @@ faces and score the one the mesh follows. The 68 iBUG landmarks come from the me
 """
 from __future__ import annotations
 
-import logging
-import os
 import warnings
 
 import numpy as np
@@ -17,15 +15,12 @@ from engine.errors import InputError
 from fastavatar_stream.tracking.detectors import Face, iou, landmark_box
 from fastavatar_stream.tracking.mesh_landmarks import MESH_POINTS, ibug_from_mesh
 
-log = logging.getLogger(__name__)
-
 MEDIAPIPE_VERSION = "0.10.14"
 
 
 def import_mediapipe():
     """The mediapipe module, or InputError naming the fallback when it is missing or cannot load."""
-    os.environ.setdefault("GLOG_minloglevel", "2")                  # TFLite's info lines on stderr
-    warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype")
+    warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype")   # protobuf 4 vs mediapipe's calls
     try:
         import mediapipe as mp
 
@@ -57,7 +52,8 @@ class MediaPipeDetector:
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_mesh, max_num_faces=1, refine_landmarks=True,
             min_detection_confidence=min_detection_confidence, min_tracking_confidence=min_tracking_confidence)
-        # the landscape model: as good around a face at a third of the cost (benchmarks/RESULTS.md)
+        # the landscape model (144 x 256 input): cheaper than the general one (../shared/ENVIRONMENT.md measures
+        # both), and the matte only needs the person around one face
         self._segmenter = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=1)
         self._solutions = (self._detector, self._mesh, self._segmenter)
 
