@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="how per-frame Gaussians combine (default visibility; concat = the paper's concatenation)")
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
     p.add_argument("--snapshot-dir", type=Path, help="write each session's final avatar here as PLY")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the engine on Ray actors: 'local' (a Ray instance of this "
+                                                     "daemon's own), 'auto' (the cluster this machine joined with "
+                                                     "'ray start') or a cluster address; each session is placed on "
+                                                     "the least loaded actor and moves when its actor dies")
+    p.add_argument("--engine-actors", type=int, metavar="N",
+                   help="with --ray: engine actors to run (default: one per GPU of the cluster, 1 without GPUs)")
     p.set_defaults(func=run)
     return p
 
@@ -58,7 +64,7 @@ async def serve(args: argparse.Namespace) -> None:
     defaults = SessionOptions(budget=args.budget, refine_seconds=max(args.refine, 0.0), fusion=args.fusion)
     config = DaemonConfig(weights=args.weights, publish=_endpoint(args.publish), control=_endpoint(args.control),
                           max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir,
-                          session_defaults=defaults)
+                          session_defaults=defaults, ray=args.ray, engine_actors=args.engine_actors)
     http = parse_http(args.http) if args.http else None
     sources = [open_source(s, realtime=args.realtime) for s in args.source]
     daemon = Daemon(config)
@@ -91,5 +97,7 @@ async def serve(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_sessions < 1 or args.budget < 1:
         raise InputError("--max-sessions and --budget must be positive")
+    if args.engine_actors is not None and (args.ray is None or args.engine_actors < 1):
+        raise InputError("--engine-actors needs --ray and a positive count")
     asyncio.run(serve(args))
     return 0

@@ -1,0 +1,186 @@
+"""The engine on Ray actors: sessions placed over actors give the single-process avatars, and survive an actor's death.
+
+A local Ray instance (2 CPUs, its files in the test's temp dir) runs `micro` engine actors; the daemon in the test
+process tracks PyAV-encoded clips of a real face and publishes over real ZeroMQ sockets.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.checkpoints import save_checkpoint
+from engine.model import build_model
+from fastavatar_stream.demo import make_demo_clip
+
+CLI = [sys.executable, "-m", "fastavatar_stream"]
+ARRAYS = ("means", "quats", "scales", "opacities", "colors")
+
+
+@pytest.fixture(scope="module")
+def micro_weights(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> list[Path]:
+    """Two different clips (different framing and length), so sessions mixed up on an actor would show."""
+    folder = tmp_path_factory.mktemp("clips")
+    return [make_demo_clip(folder / "a.mp4", n_frames=12, size=192),
+            make_demo_clip(folder / "b.mp4", n_frames=9, size=160)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    from fastavatar_stream.ray_engine import NAMESPACE
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("r")))  # short: Unix socket names have 107 bytes
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_daemon(weights: Path, clips: list[Path], *, ray: str | None, actors: int | None = None,
+               refine_s: float = 0.0, publish: str | None = None, control: str | None = None,
+               on_version=None) -> tuple[dict, dict]:
+    """Run one session per clip to its end; returns ({session: Session}, {session: final live arrays})."""
+    from engine.avatar_model import AvatarModel
+    from fastavatar_stream.daemon import Daemon, DaemonConfig
+    from fastavatar_stream.session import SessionOptions
+    from fastavatar_stream.sources import VideoFileSource
+
+    async def scenario():
+        config = DaemonConfig(weights=str(weights), ray=ray, engine_actors=actors, publish=publish, control=control)
+        daemon = Daemon(config, model=AvatarModel.load(weights))
+        await daemon.start()
+        try:
+            ids = [await daemon.open_session(VideoFileSource(c), options=SessionOptions(refine_seconds=refine_s))
+                   for c in clips]
+            if on_version is not None:
+                for sid in ids:
+                    daemon.subscribe(sid, lambda buffer, stats, d=daemon: on_version(d, buffer, stats))
+            sessions = {sid: await daemon.wait_session(sid) for sid in ids}
+            return sessions, {sid: daemon.buffers[sid].live_arrays() for sid in ids}
+        finally:
+            await daemon.shutdown()
+
+    return asyncio.run(scenario())
+
+
+def assert_same_avatar(got: dict, want: dict) -> None:
+    assert len(got["means"]) == len(want["means"]) > 0
+    for name in ARRAYS:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_serve_with_ray_reconstructs_every_source_and_writes_their_snapshots(tmp_path, tmp_path_factory, clips,
+                                                                           micro_weights):
+    from protocols.ply import load_ply
+
+    pub, ctl, snaps = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", tmp_path / "snaps"
+    # a short folder: Ray's socket paths under it must stay within the 107 bytes of a Unix socket name
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=str(tmp_path_factory.mktemp("r")))
+    daemon = subprocess.Popen(CLI + ["serve", "--ray", "local", "--engine-actors", "2", "--source", str(clips[0]),
+                                     "--source", str(clips[1]), "--snapshot-dir", str(snaps), "--publish", pub,
+                                     "--control", ctl, "--weights", str(micro_weights), "--refine", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(list(snaps.glob("*.ply"))) < 2 and daemon.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    written = sorted(p.name for p in snaps.glob("*.ply"))
+    assert [name.split("_")[0] for name in written] == ["s1", "s2"], written
+    for path in snaps.glob("*.ply"):
+        assert len(load_ply(path)["means"]) > 0
+    assert "placed on engine-0" in err and "placed on engine-1" in err  # least loaded: one source per actor
+
+
+def test_two_actors_and_four_sessions_give_the_single_process_avatars(ray_cluster, clips, micro_weights):
+    from fastavatar_stream.ray_engine import RayEngineWorker
+
+    single, single_arrays = run_daemon(micro_weights, clips, ray=None)
+    placements: dict[str, str] = {}
+
+    def placed(daemon, buffer, stats) -> None:
+        if isinstance(daemon.worker, RayEngineWorker):
+            placements.update(daemon.worker.placement())
+
+    sessions, arrays = run_daemon(micro_weights, clips + clips, ray="local", actors=2, on_version=placed)
+    assert len(sessions) == 4
+    for (sid, session), clip_index in zip(sessions.items(), [0, 1, 0, 1]):
+        reference = list(single.values())[clip_index]
+        assert session.state == "ended" and session.error is None
+        assert session.report.versions == reference.report.versions == list(range(1, reference.windows_done + 1))
+        assert_same_avatar(arrays[sid], list(single_arrays.values())[clip_index])
+    assert sorted(placements.values()) == ["engine-0", "engine-0", "engine-1", "engine-1"]
+
+
+def test_killing_an_actor_mid_stream_moves_its_sessions_and_versions_go_on(ray_cluster, clips, micro_weights):
+    from protocols.client import AvatarSubscriber
+
+    pub, ctl = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    killed: list[str] = []
+    received: dict[str, list] = {}
+    stop = threading.Event()
+
+    def kill_after_first_version(daemon, buffer, stats) -> None:
+        placement = daemon.worker.placement()
+        victim = placement.get(buffer.session)
+        if not killed and victim is not None and buffer.version >= 2:
+            killed.append(victim)
+            ray_cluster.kill(ray_cluster.get_actor(victim))  # mid-stream: its sessions still have windows to go
+
+    def subscribe() -> None:
+        with AvatarSubscriber(pub, ctl) as subscriber:
+            while not stop.is_set():
+                try:
+                    v = subscriber.next_version(timeout=0.2)
+                except TimeoutError:
+                    continue
+                received.setdefault(v.session, []).append(v)
+
+    listener = threading.Thread(target=subscribe, daemon=True)
+    listener.start()
+    try:
+        sessions, arrays = run_daemon(micro_weights, clips + clips, ray="local", actors=2, refine_s=1.0,
+                                      publish=pub, control=ctl, on_version=kill_after_first_version)
+        time.sleep(1.0)  # the last deltas reach the subscriber
+    finally:
+        stop.set()
+        listener.join(timeout=10)
+    assert killed, "no actor was killed"
+    moved = [s for s in sessions.values() if s.report.migrations]
+    assert moved, "the dead actor's sessions did not move"
+    for sid, session in sessions.items():
+        assert session.state == "ended" and session.error is None, session.error
+        versions = session.report.versions
+        assert versions == list(range(1, len(versions) + 1)), versions  # no gap, no repeat across the move
+        assert session.windows_done == len(session.window_timings)
+        got = received.get(sid, [])
+        assert got and [v.version for v in got] == sorted({v.version for v in got}), "subscriber order"
+        assert got[-1].version == versions[-1]
+        assert_same_avatar(got[-1].arrays, arrays[sid])
