@@ -30,7 +30,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from engine.avatar_model import AvatarModel
 from engine.errors import InputError
-from engine.fusion import AvatarVersion, FuserState
+from engine.fusion import AvatarState, FuserState
 from engine.refine import RefineConfig
 from fastavatar_stream.frames import Window
 from fastavatar_stream.session import Session
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "fastavatar-stream"
 #: how long the daemon waits for its actors to load their model before it gives up with a clear error
 ACTOR_START_TIMEOUT_S = 300.0
-OnVersion = Callable[[Session, AvatarVersion, float], None]
+OnVersion = Callable[[Session, AvatarState, float], None]
 
 
 @dataclass
@@ -56,7 +56,7 @@ class SessionOpening:
 class EngineResult:
     """A new version (tensors on the CPU), the fuser's next free uid, and the stage timings on the actor."""
 
-    version: AvatarVersion
+    version: AvatarState
     next_uid: int
     stages: list[tuple[str, float]]
 
@@ -97,7 +97,7 @@ class EngineActor:
     def refine(self, key: str, job: RefineJob, opening: SessionOpening | None) -> EngineResult:
         engine = self._engine(key, opening)
         stages = StageLog()
-        version, _ = engine.refine(self.model, job, stages)
+        version = engine.refine(self.model, job, stages)
         return self._result(engine, version, stages)
 
     def close(self, key: str) -> None:
@@ -112,8 +112,8 @@ class EngineActor:
         return self._engines[key]
 
     @staticmethod
-    def _result(engine: SessionEngine, version: AvatarVersion, stages: StageLog) -> EngineResult:
-        cpu = AvatarVersion(version.version, version.gaussians.to("cpu"),
+    def _result(engine: SessionEngine, version: AvatarState, stages: StageLog) -> EngineResult:
+        cpu = AvatarState(version.version, version.gaussians.to("cpu"),
                             None if version.shape is None else version.shape.cpu(), version.frames, version.stats)
         return EngineResult(cpu, engine.fuser.state().next_uid, stages.stages)
 
@@ -407,30 +407,28 @@ class RayEngineWorker(threading.Thread):
         version = result.version
         self._resume[session.id] = FuserState(version.version, version.gaussians, version.shape, result.next_uid)
         if call.window is not None:
-            session.keep_for_refinement(call.window)
-            session.windows_done += 1
+            session.window_folded(call.window)
             self.windows_done += 1
             self.on_version(session, version, max(f.t_capture for f in call.window.frames))
             session.window_finished()
         else:
             actor.targets[session.id] = call.job.key
+            # handed over before the burst counts as spent: the daemon's drain waits for what was handed over
             self.on_version(session, version, time.time())
-            session.refine_bursts.append((call.t_start, time.perf_counter()))
-            session.refine_spent += time.perf_counter() - call.t_start
+            session.refinement_spent(call.t_start, time.perf_counter())
 
     def _job_failed(self, call: _Call, exc: Exception) -> None:
         session = call.session
         cause = getattr(exc, "cause", None) or exc
         if call.window is not None:
             log.error("session %s: window %d failed on an engine actor: %s", session.id, call.window.index, cause)
-            session.state = "failed"
-            session.error = f"window {call.window.index} failed: {cause.__class__.__name__}: {cause}"
+            session.fail(f"window {call.window.index} failed: {cause.__class__.__name__}: {cause}")
             session.window_finished()
         else:
             log.error("session %s: refinement failed on an engine actor; refinement turned off for it: %s",
                       session.id, cause)
-            session.options.refine_seconds = 0.0
-            session.error = f"refinement failed: {cause}"
+            session.stop_refinement(f"refinement failed: {cause}")
+            session.refinement_spent(call.t_start, time.perf_counter())
 
     # -- failures -----------------------------------------------------------------------------------------------
     def _actor_died(self, actor: _Actor, call: _Call | None = None) -> None:
@@ -458,6 +456,6 @@ class RayEngineWorker(threading.Thread):
             sessions = list(self._sessions.values())
         for session in sessions:
             if session.state == "running":
-                session.state, session.error = "failed", reason
+                session.fail(reason)
             if self._retry.pop(session.id, None) is not None:
                 session.window_finished()

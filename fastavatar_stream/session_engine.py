@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from engine.avatar_model import AvatarModel
-from engine.fusion import AvatarVersion, FuserState, IncrementalFuser
+from engine.fusion import AvatarState, FuserState, IncrementalFuser
 from engine.refine import RefineConfig, RefineFrames, RefineSession
 from fastavatar_stream.frames import TrackedFrame, Window
 from fastavatar_stream.prepare import PreparedFrame
 from fastavatar_stream.session import RefineSample, Session, light_frame
+from fastavatar_stream.views import refine_frames, tracked_views
 
 
 class EngineBackend(Protocol):
@@ -69,12 +70,14 @@ class WindowJob:
 @dataclass
 class RefineJob:
     """One refinement burst: `seconds` of optimisation against the session's kept frames. `key` names the kept
-    frames (their indices); `samples` carries them when the engine may not hold that key yet (None: it does)."""
+    frames (their indices); `samples` carries them when the engine may not hold that key yet (None: it does).
+    restart: a window changed the avatar since the refiner last started from it."""
 
     session: str
     key: tuple[int, ...]
     samples: list[RefineSample] | None
     seconds: float
+    restart: bool
 
 
 @dataclass
@@ -98,7 +101,7 @@ class SessionEngine:
     def __init__(self, fuser: IncrementalFuser, refine: RefineConfig | None = None) -> None:
         self.fuser = fuser
         self.refine_config = refine or RefineConfig()
-        self._refiner: RefineSession | None = None  # None: restart from the fuser's avatar
+        self._refiner: RefineSession | None = None
         self._targets: tuple[tuple[int, ...], RefineFrames] | None = None
 
     @classmethod
@@ -111,39 +114,32 @@ class SessionEngine:
     def targets_key(self) -> tuple[int, ...] | None:
         return self._targets[0] if self._targets is not None else None
 
-    def run_window(self, model: AvatarModel, job: WindowJob, timer) -> AvatarVersion:
+    def run_window(self, model: AvatarModel, job: WindowJob, timer) -> AvatarState:
         """Reconstruct one window with the LGRT and fold it into the avatar; `timer.time(stage)` times the stages."""
         with timer.time("prepare_window"):
-            images = torch.stack([torch.from_numpy(p.image) for p in job.prepared])
+            views = tracked_views(job.frames, job.prepared, model)
             pool = torch.stack([torch.from_numpy(p.image) for p in job.pool]) if job.pool else None
             shape = torch.from_numpy(np.asarray(job.frames[-1].flame.shape, np.float32))
-            guidance = window_guidance(model, job.frames) if model.network.cfg.guidance else None
-            weighted = job.fusion == "visibility"
-            features = (point_features(model, job.frames, job.prepared, images)
-                        if model.network.cfg.point_guidance or weighted else None)
         with timer.time("engine"):
-            sets = model.window_gaussians(images, [f.index for f in job.frames], shape, pool, guidance, features,
-                                          fusion=job.fusion)
+            sets = model.window_gaussians(views, [f.index for f in job.frames], shape, pool, fusion=job.fusion)
         with timer.time("fuse"):
-            version = self.fuser.add_window(sets, shape)
-        self._refiner = None
-        return version
+            return self.fuser.add_window(sets, shape)
 
-    def refine(self, model: AvatarModel, job: RefineJob, timer, stop: Callable[[], bool] | None = None
-               ) -> tuple[AvatarVersion, dict]:
+    def refine(self, model: AvatarModel, job: RefineJob, timer,
+               stop: Callable[[], bool] | None = None) -> AvatarState:
         """Optimise the avatar against the session's kept frames for about `job.seconds` (ending early when `stop()`
-        turns true) and install the result as the next version; returns it with the refiner's stats."""
+        turns true) and install the result as the next version (the refiner's stats in its `stats`)."""
         if job.samples is not None and job.key != self.targets_key:
             with timer.time("refine_setup"):
                 self._targets = (job.key, refine_frames(job.samples, model))
         if self._targets is None or self._targets[0] != job.key:
             raise RuntimeError(f"session {job.session}: the refinement frames {job.key} were never sent here")
         with torch.enable_grad():
-            if self._refiner is None:
+            if job.restart or self._refiner is None:
                 self._refiner = RefineSession(self.fuser.avatar, model.prompts, model.head, self.refine_config)
             with timer.time("refine"):
                 stats = self._refiner.step(self._targets[1], seconds=job.seconds, stop=stop)
-        return self.fuser.replace(self._refiner.gaussians(), {"refine": stats}), stats
+        return self.fuser.replace(self._refiner.gaussians(), {"refine": stats})
 
 
 def refine_job(session: Session, seconds: float, known_key: tuple[int, ...] | None) -> RefineJob:
@@ -151,30 +147,4 @@ def refine_job(session: Session, seconds: float, known_key: tuple[int, ...] | No
     with session.lock:
         samples = list(session.refine_pool)
     key = tuple(s.index for s in samples)
-    return RefineJob(session.id, key, None if key == known_key else samples, seconds)
-
-
-# -- TrackedFrame -> model tensors --------------------------------------------------------------------------------
-def window_guidance(model: AvatarModel, frames: list[TrackedFrame]) -> dict[str, torch.Tensor]:
-    from fastavatar_stream.worker import flame_params
-
-    cfg = model.network.cfg
-    params = flame_params([f.flame for f in frames], 1, cfg.guidance_expr_dim)
-    pose = torch.cat([params.rotation, params.neck, params.jaw, params.eyes], dim=-1)
-    camera = torch.stack([torch.from_numpy(np.asarray(f.viewmat, np.float32)) for f in frames])
-    return {"camera": camera, "expression": params.expression, "pose": pose}
-
-
-def point_features(model: AvatarModel, frames: list[TrackedFrame], prepared: list[PreparedFrame],
-                   images: torch.Tensor) -> torch.Tensor:
-    """What each window frame's crop shows of each point prompt, from its tracked FLAME fit and crop camera."""
-    from fastavatar_stream.worker import crop_views
-
-    cams, params = crop_views(frames, prepared, model, images.shape[-1])
-    return model.point_features(images.float(), cams, params)
-
-
-def refine_frames(samples: list[RefineSample], model: AvatarModel) -> RefineFrames:
-    from fastavatar_stream.worker import refine_frames as build
-
-    return build(samples, model)
+    return RefineJob(session.id, key, None if key == known_key else samples, seconds, session.take_refine_restart())
