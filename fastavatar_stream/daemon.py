@@ -108,8 +108,10 @@ class Daemon:
 
             warm_up_renderer(self.config.refine.backend)
             return EngineWorker(self.model, self._on_version, refine=self.config.refine)
-        from fastavatar_stream.ray_engine import RayConfig, RayEngineWorker
-
+        try:
+            from fastavatar_stream.ray_engine import RayConfig, RayEngineWorker
+        except ImportError as exc:
+            raise InputError(f"--ray needs Ray ({exc}); install it with pip install 'fastavatar-stream[ray]'") from None
         config = RayConfig(self.config.ray, self.config.engine_actors)
         return RayEngineWorker.launch(config, self.config.weights, self.config.refine, self._on_version)
 

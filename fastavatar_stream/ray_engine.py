@@ -11,8 +11,9 @@ session's resume point. When an actor dies, each of its sessions moves to a live
 from that state; a window that was in flight is sent again. Version numbers therefore continue without a gap and
 nothing published is lost; a refinement burst in flight is dropped. `Session.report.migrations` counts the moves.
 
-Actors are named (`engine-0`, ... in the `fastavatar-stream` namespace) and, on a cluster (`--ray auto` or an
-address), detached, so several daemons on several machines share them; their sessions are keyed by daemon.
+The daemon calls its actors `engine-0`, `engine-1`, ...; on a cluster (`--ray auto` or an address) these are their
+Ray names in the `fastavatar-stream` namespace and they are detached, so several daemons on several machines share
+them (sessions are keyed by daemon on an actor); a local instance's actors end with the daemon.
 """
 from __future__ import annotations
 
@@ -166,8 +167,10 @@ def start_actors(config: RayConfig, weights: str | None, refine: RefineConfig) -
         placement = {"num_gpus": 1}
     else:  # CPU slots: share the cluster's CPUs among the actors, one thread each
         placement = {"num_cpus": min(1.0, float(resources.get("CPU", 1)) / count)}
-    lifetime = None if config.local else "detached"
-    actors = [EngineActor.options(name=f"engine-{i}", get_if_exists=True, lifetime=lifetime, max_restarts=0,
+    # a cluster's actors are named and detached so that every daemon joining it shares them; a local instance's
+    # belong to this daemon alone
+    shared = {} if config.local else {"get_if_exists": True, "lifetime": "detached"}
+    actors = [EngineActor.options(**({"name": f"engine-{i}"} if shared else {}), **shared, max_restarts=0,
                                   **placement).remote(weights, refine, None if gpus else 1)
               for i in range(count)]
     try:
@@ -266,6 +269,10 @@ class RayEngineWorker(threading.Thread):
 
     def live_actors(self) -> list[str]:
         return [a.name for a in self.actors if a.alive]
+
+    def actor_handle(self, name: str):
+        """The Ray handle of the actor called `name` (engine-0, ...)."""
+        return next(a.handle for a in self.actors if a.name == name)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> None:

@@ -152,7 +152,7 @@ def test_killing_an_actor_mid_stream_moves_its_sessions_and_versions_go_on(ray_c
         victim = placement.get(buffer.session)
         if not killed and victim is not None and buffer.version >= 2:
             killed.append(victim)
-            ray_cluster.kill(ray_cluster.get_actor(victim))  # mid-stream: its sessions still have windows to go
+            ray_cluster.kill(daemon.worker.actor_handle(victim))  # mid-stream: its sessions still have windows to go
 
     def subscribe() -> None:
         with AvatarSubscriber(pub, ctl) as subscriber:
