@@ -144,6 +144,7 @@ def test_killing_an_actor_mid_stream_moves_its_sessions_and_versions_go_on(ray_c
 
     pub, ctl = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     killed: list[str] = []
+    versions_at_kill: dict[str, int] = {}
     received: dict[str, list] = {}
     stop = threading.Event()
 
@@ -153,6 +154,8 @@ def test_killing_an_actor_mid_stream_moves_its_sessions_and_versions_go_on(ray_c
         if not killed and victim is not None and buffer.version >= 2:
             killed.append(victim)
             ray_cluster.kill(daemon.worker.actor_handle(victim))  # mid-stream: its sessions still have windows to go
+            versions_at_kill.update({sid: daemon.buffers[sid].version for sid, name in placement.items()
+                                     if name == victim})
 
     def subscribe() -> None:
         with AvatarSubscriber(pub, ctl) as subscriber:
@@ -173,8 +176,10 @@ def test_killing_an_actor_mid_stream_moves_its_sessions_and_versions_go_on(ray_c
         stop.set()
         listener.join(timeout=10)
     assert killed, "no actor was killed"
-    moved = [s for s in sessions.values() if s.report.migrations]
-    assert moved, "the dead actor's sessions did not move"
+    moved = {sid for sid, s in sessions.items() if s.report.migrations}
+    assert moved == set(versions_at_kill), "exactly the dead actor's sessions moved"
+    for sid in moved:  # and went on where they were: more windows, refined versions after the move
+        assert sessions[sid].report.versions[-1] > versions_at_kill[sid]
     for sid, session in sessions.items():
         assert session.state == "ended" and session.error is None, session.error
         versions = session.report.versions
