@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -146,6 +147,8 @@ def connect(config: RayConfig) -> bool:
     One clear InputError when that fails."""
     if ray.is_initialized():
         return False
+    if not config.local and config.address != "auto":
+        check_reachable(config.address)
     try:
         if config.local:
             ray.init(include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
@@ -154,6 +157,19 @@ def connect(config: RayConfig) -> bool:
     except (OSError, RuntimeError, ValueError) as exc:
         raise InputError(f"--ray {config.address}: cannot reach the Ray cluster: {exc}") from None
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """InputError unless something accepts TCP connections at the cluster address (Ray itself would retry for
+    minutes before it gives up)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--ray needs local, auto or HOST:PORT of a Ray head, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(f"--ray {address}: no Ray head answers there ({exc.strerror or exc}); start one with "
+                         "'ray start --head' or use --ray local") from None
 
 
 def start_actors(config: RayConfig, weights: str | None, refine: RefineConfig) -> list:

@@ -119,6 +119,15 @@ def test_serve_with_ray_reconstructs_every_source_and_writes_their_snapshots(tmp
     assert "placed on engine-0" in err and "placed on engine-1" in err  # least loaded: one source per actor
 
 
+@pytest.mark.parametrize("address, says", [("127.0.0.1:1", "no Ray head answers"), ("nonsense", "HOST:PORT")])
+def test_serve_with_a_bad_ray_address_exits_2_with_one_line(micro_weights, address, says):
+    result = subprocess.run(CLI + ["serve", "--ray", address, "--publish", "none", "--control", "none", "--weights",
+                                   str(micro_weights)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if " INFO " not in line and line.strip()]
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
+
+
 def test_two_actors_and_four_sessions_give_the_single_process_avatars(ray_cluster, clips, micro_weights):
     from fastavatar_stream.ray_engine import RayEngineWorker
 
