@@ -107,24 +107,17 @@ class EngineActor:
 
     def _engine(self, key: str, opening: SessionOpening | None) -> SessionEngine:
         if opening is not None:
-            self._engines[key] = SessionEngine.resume(_to(opening.state, self.device), opening.budget,
-                                                      self.refine_config)
+            self._engines[key] = SessionEngine.resume(opening.state, opening.budget, self.refine_config)
         if key not in self._engines:
             raise RuntimeError(f"session {key} is not open on this engine actor")
         return self._engines[key]
 
     @staticmethod
     def _result(engine: SessionEngine, version: AvatarState, stages: StageLog) -> EngineResult:
+        # results cross processes and machines: CPU tensors, whatever device the refiner used
         cpu = AvatarState(version.version, version.gaussians.to("cpu"),
-                            None if version.shape is None else version.shape.cpu(), version.frames, version.stats)
+                          None if version.shape is None else version.shape.cpu(), version.frames, version.stats)
         return EngineResult(cpu, engine.fuser.state().next_uid, stages.stages)
-
-
-def _to(state: FuserState | None, device: str) -> FuserState | None:
-    if state is None or device == "cpu":
-        return state
-    shape = None if state.shape is None else state.shape.to(device)
-    return FuserState(state.version, state.avatar.to(device), shape, state.next_uid)
 
 
 # -- the cluster ----------------------------------------------------------------------------------------------------
@@ -249,7 +242,6 @@ class RayEngineWorker(threading.Thread):
         self._stopping = False
         self.windows_done = 0
         self.busy_s = 0.0
-        self.migrations = 0
 
     @classmethod
     def launch(cls, config: RayConfig, weights: str | None, refine: RefineConfig,
@@ -282,9 +274,6 @@ class RayEngineWorker(threading.Thread):
         """Which actor runs which session (session id -> actor name)."""
         with self._wake:
             return {sid: actor.name for sid, actor in self._placement.items()}
-
-    def live_actors(self) -> list[str]:
-        return [a.name for a in self.actors if a.alive]
 
     def actor_handle(self, name: str):
         """The Ray handle of the actor called `name` (engine-0, ...)."""
@@ -336,6 +325,7 @@ class RayEngineWorker(threading.Thread):
             self._sessions.pop(session_id, None)
             actor = self._placement.pop(session_id, None)
         self._resume.pop(session_id, None)
+        self._retry.pop(session_id, None)
         if actor is not None:
             actor.sessions.discard(session_id)
             actor.targets.pop(session_id, None)
@@ -471,7 +461,6 @@ class RayEngineWorker(threading.Thread):
                 session = self._sessions.get(sid)
             if session is not None:
                 session.report.migrations += 1
-                self.migrations += 1
                 self._place(session)
 
     def _fail_all(self, reason: str) -> None:
