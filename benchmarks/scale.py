@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "video": str(args.video), "frames_tracked": len(frames),
-        "track_s_per_frame": {"mean": float(np.mean(track_s)), **percentiles(track_s)}, "runs": runs, "capacity_model": model_fit,
+        "track_s_per_frame": {"mean": float(np.mean(track_s)), **percentiles(track_s)},
+        "runs": runs, "capacity_model": model_fit,
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg(),
                  "note": "2-core host shared with other engineers' jobs while it ran"},
         "model": model.network.cfg.name, "torch_threads_per_actor": 1,

@@ -198,3 +198,42 @@ def test_killing_an_actor_mid_stream_moves_its_sessions_and_versions_go_on(ray_c
         assert got and [v.version for v in got] == sorted({v.version for v in got}), "subscriber order"
         assert got[-1].version == versions[-1]
         assert_same_avatar(got[-1].arrays, arrays[sid])
+
+
+def test_two_daemons_on_one_cluster_share_its_actors_and_spread_their_sessions(ray_cluster, clips, micro_weights):
+    from engine.avatar_model import AvatarModel
+    from fastavatar_stream.daemon import Daemon, DaemonConfig
+    from fastavatar_stream.sources import VideoFileSource
+
+    placed: dict[str, str] = {}
+
+    async def scenario():
+        # "auto" in a process that already joined a cluster: that cluster, its named actors shared by both daemons
+        daemons = [Daemon(DaemonConfig(weights=str(micro_weights), ray="auto", engine_actors=2),
+                          model=AvatarModel.load(micro_weights)) for _ in range(2)]
+        for daemon in daemons:
+            await daemon.start()
+        try:
+            first = await daemons[0].open_session(VideoFileSource(clips[0]))
+            while daemons[0].sessions[first].latest is None:  # its session is open on an actor now
+                await asyncio.sleep(0.05)
+            placed["first"] = daemons[0].worker.placement()[first]
+            second = await daemons[1].open_session(VideoFileSource(clips[1]))
+            while daemons[1].sessions[second].latest is None:
+                await asyncio.sleep(0.05)
+            placed["second"] = daemons[1].worker.placement()[second]
+            ends = [await daemons[0].wait_session(first), await daemons[1].wait_session(second)]
+            names = ("engine-0", "engine-1")
+            pids = [[ray_cluster.get(d.worker.actor_handle(n).describe.remote())["pid"] for n in names] for d in daemons]
+            same = pids[0] == pids[1]
+            return ends, same
+        finally:
+            for daemon in daemons:
+                await daemon.shutdown()
+            for name in ("engine-0", "engine-1"):  # detached: they outlive the daemons by design
+                ray_cluster.kill(ray_cluster.get_actor(name))
+
+    ends, same_actors = asyncio.run(scenario())
+    assert same_actors, "the second daemon started actors of its own"
+    assert {placed["first"], placed["second"]} == {"engine-0", "engine-1"}  # the other daemon's session counts
+    assert all(s.state == "ended" and s.error is None and s.windows_done > 0 for s in ends)
