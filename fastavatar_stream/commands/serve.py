@@ -99,5 +99,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--max-sessions and --budget must be positive")
     if args.engine_actors is not None and (args.ray is None or args.engine_actors < 1):
         raise InputError("--engine-actors needs --ray and a positive count")
+    if args.ray not in (None, "local", "auto"):  # before the model loads: a wrong address fails at once
+        try:
+            from fastavatar_stream.ray_engine import check_reachable
+        except ImportError as exc:
+            raise InputError(f"--ray needs Ray ({exc}); install it with pip install 'fastavatar-stream[ray]'") from None
+        check_reachable(args.ray)
     asyncio.run(serve(args))
     return 0
