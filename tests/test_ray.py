@@ -93,6 +93,37 @@ def assert_same_avatar(got: dict, want: dict) -> None:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+def test_a_fuser_resumed_from_its_state_goes_on_exactly_like_the_one_that_stopped():
+    """What a new actor does with a dead one's session: same versions, same uids, same avatar."""
+    import pickle
+
+    import torch
+
+    from engine.fusion import IncrementalFuser
+    from engine.gaussians import GaussianSet
+
+    def window(w: int) -> list[GaussianSet]:
+        g = torch.Generator().manual_seed(w)
+        return [GaussianSet.from_activated(
+            anchor=torch.randint(0, 10, (30,), generator=g), offset=0.01 * torch.randn(30, 3, generator=g),
+            rotation=torch.randn(30, 4, generator=g), scale=0.001 + 0.004 * torch.rand(30, 3, generator=g),
+            opacity=torch.rand(30, generator=g), color=torch.rand(30, 3, generator=g),
+            importance=torch.randn(30, generator=g), frame=w * 4 + f) for f in range(3)]
+
+    whole = IncrementalFuser(budget=50)
+    for w in range(3):
+        whole.add_window(window(w))
+    stopped = IncrementalFuser(budget=50)
+    stopped.add_window(window(0))
+    stopped.add_window(window(1))
+    moved = IncrementalFuser.resume(pickle.loads(pickle.dumps(stopped.state())), budget=50)  # across processes
+    version = moved.add_window(window(2))
+    assert version.version == whole.version == 3
+    assert torch.equal(moved.avatar.uid, whole.avatar.uid)
+    for name in ("anchor", "offset", "rotation", "log_scale", "opacity_logit", "color", "frame"):
+        assert torch.equal(getattr(moved.avatar, name), getattr(whole.avatar, name)), name
+
+
 def test_serve_with_ray_reconstructs_every_source_and_writes_their_snapshots(tmp_path, tmp_path_factory, clips,
                                                                            micro_weights):
     from protocols.ply import load_ply
