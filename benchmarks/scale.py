@@ -11,10 +11,12 @@ it only fills idle engine time, so it never limits capacity.
 
 Per stream count: the window strides the adaptive windower chose (frames between windows), capture -> publish
 latency, windows per second, the actor's time per window (`engine` stage) and the daemon's round trip per window.
-The capacity model (written out in the JSON and in benchmarks/RESULTS.md) predicts from the per-window time t_w
-at 1 stream: one stream at f fps with stride k needs f * t_w / k of an actor, so an actor sustains
-floor(k / (f * t_w)) streams at stride k, M streams on N actors settle at stride k = ceil(M / N) * f * t_w, and
-the measured strides at M > 1 check that prediction. Writes JSON (--out, default benchmarks/results/scale.json).
+The capacity model (written out in the JSON and in benchmarks/RESULTS.md) fits each steady window's round trip
+as t_w = a + b * (its FramePack pool frames): a longer stride leaves more frames for the pool, so windows get
+longer as streams are added. One stream at f fps with stride k needs f * t_w(k) / k of an actor, so n streams on
+one actor settle at the stride k = n * f * t_w(k) (never below 12); an actor sustains the largest n whose stride
+stays within a bound, and M streams on N actors behave like ceil(M / N) streams on one. The measured strides
+check the prediction. Writes JSON (--out, default benchmarks/results/scale.json).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "scale.json"
 FPS = 25.0
 DEFAULT_STRIDE = 12  # the windower's stride when the engine keeps up (16-frame windows, 4 overlap)
 STRIDE_BOUNDS = (12, 24, 50)  # strides the capacity table is given for: every 0.48 s, 0.96 s, 2 s of video
+POOL_CAP = 64  # the windower's FramePack pool size
 
 
 def track_clip(video: Path, n_frames: int, model) -> tuple[list, list[float]]:
@@ -134,31 +137,45 @@ def run_streams(model, frames: list, streams: int, actors: int, seconds: float) 
         "actor_engine_p50_s_per_session": engine,
         "round_trip_s": percentiles([t.t_done - t.t_started for t in steady]),
         "window_wait_s": percentiles([t.wait for t in steady]), "to_world_s": percentiles(to_world),
+        "pool_and_round_trip": [(len(t.pool), t.t_done - t.t_started) for t in steady],
         "versions": len(published),
     }
 
 
-def capacity_model(t_window: float, t_track: float, t_to_world: float) -> dict:
-    """Streams per actor and per ingest core, and stride for N actors x M streams, from measured times."""
-    per_actor = {str(k): math.floor(k / (FPS * t_window)) for k in STRIDE_BOUNDS}
-    grid = {f"{n}x{m}": math.ceil(m / n) * FPS * t_window for n in (1, 2, 4, 8) for m in (1, 4, 8, 16, 32)}
+def steady_stride(streams_per_actor: int, a: float, b: float) -> float:
+    """The stride k where an actor with this many streams is busy all the time: k = n * FPS * t_w(k), with
+    t_w(k) = a + b * pool(k) and pool(k) = min(k - 12, 64) frames (never below the default stride 12)."""
+    k = float(DEFAULT_STRIDE)
+    for _ in range(200):  # t_w grows with k only through the capped pool: the iteration settles
+        k = max(DEFAULT_STRIDE, streams_per_actor * FPS * (a + b * min(max(k - DEFAULT_STRIDE, 0), POOL_CAP)))
+    return k
+
+
+def capacity_model(windows: list[tuple[int, float]], t_track: float, t_to_world: float) -> dict:
+    """Streams per actor and per ingest core, and the stride N actors x M streams settle at, from measured
+    per-window round trips (fitted against the window's FramePack pool size)."""
+    pools, seconds = np.array([w[0] for w in windows], float), np.array([w[1] for w in windows], float)
+    b, a = np.polyfit(pools, seconds, 1) if np.ptp(pools) > 0 else (0.0, float(np.median(seconds)))
+    per_actor = {str(k): max(n for n in range(0, 1000) if n == 0 or steady_stride(n, a, b) <= k)
+                 for k in STRIDE_BOUNDS}
+    grid = {f"{n}x{m}": steady_stride(math.ceil(m / n), a, b) for n in (1, 2, 4, 8) for m in (1, 4, 8, 16, 32)}
     return {
-        "fps": FPS, "t_window_s": t_window, "t_track_per_frame_s": t_track, "t_to_world_per_version_s": t_to_world,
-        "streams_per_actor_at_stride": per_actor,
-        "stride_for_n_actors_x_m_streams": {k: max(v, DEFAULT_STRIDE) for k, v in grid.items()},
+        "fps": FPS, "t_window_s": {"a_s": float(a), "b_s_per_pool_frame": float(b), "fitted_windows": len(windows)},
+        "t_track_per_frame_s": t_track, "t_to_world_per_version_s": t_to_world,
+        "streams_per_actor_at_stride": per_actor, "stride_for_n_actors_x_m_streams": grid,
         "streams_per_ingest_core": 1.0 / (FPS * t_track) if t_track > 0 else None,
         "assumptions": [
-            "an actor runs one window at a time; its time per window t_w does not depend on how many sessions it "
-            "holds (sessions are independent fusers; the network sees one window per call)",
-            "windows hold 16 frames in steady state, so t_w is the 16-frame window time; the first 3 windows of "
-            "a session (1, 4, 8 frames) are cheaper and are left out",
+            "an actor runs one window at a time; a window's time is a + b * (its FramePack pool frames), fitted "
+            "over every steady window measured; it does not depend on how many sessions the actor holds",
+            "steady windows hold 16 sparse frames; a stride of k new frames leaves min(k - 12, 64) frames for the "
+            "pool; the first 3 windows of a session (1, 4, 8 frames) are start-up and left out",
             "least-loaded placement spreads M streams as evenly as possible: ceil(M / N) per actor",
             "the adaptive stride absorbs the rest: a stream's stride settles where its actor is busy all the time, "
-            "k = streams on the actor * fps * t_w, never below 12",
+            "k = streams on the actor * fps * t_w(k), never below 12",
             "tracking (one core per 1 / (fps * t_track) streams) and to_world on the ingest machine run beside the "
-            "actors and are not on an actor's clock",
-            "network transfer of a window (16 crops) and of a version (canonical Gaussians) is inside the round "
-            "trip measured here on one machine; across machines add its transfer time",
+            "actors and are not on an actor's clock (on this 2-core host they share the cores with the actor)",
+            "network transfer of a window (its float32 crops) and of a version (canonical Gaussians) is inside the "
+            "round trip measured here on one machine; across machines add its transfer time",
         ],
     }
 
@@ -198,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     single = runs[0]
     # throughput needs the mean tracking cost: the tracker's occasional full detections are slow frames
-    model_fit = capacity_model(single["round_trip_s"]["p50"], float(np.mean(track_s)), single["to_world_s"]["p50"])
+    windows = [w for run in runs for w in run["pool_and_round_trip"]]
+    model_fit = capacity_model(windows, float(np.mean(track_s)), single["to_world_s"]["p50"])
+    fit = model_fit["t_window_s"]
     for run in runs:
-        per_actor = math.ceil(run["streams"] / args.actors)
-        run["predicted_stride"] = max(per_actor * FPS * model_fit["t_window_s"], DEFAULT_STRIDE)
+        run["predicted_stride"] = steady_stride(math.ceil(run["streams"] / args.actors), fit["a_s"],
+                                                fit["b_s_per_pool_frame"])
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "video": str(args.video), "frames_tracked": len(frames),
