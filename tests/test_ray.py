@@ -62,8 +62,9 @@ def free_port() -> int:
 
 def run_daemon(weights: Path, clips: list[Path], *, ray: str | None, actors: int | None = None,
                refine_s: float = 0.0, publish: str | None = None, control: str | None = None,
-               on_version=None) -> tuple[dict, dict]:
-    """Run one session per clip to its end; returns ({session: Session}, {session: final live arrays})."""
+               on_version=None, before_shutdown=None) -> tuple[dict, dict]:
+    """Run one session per clip to its end; returns ({session: Session}, {session: final live arrays}).
+    before_shutdown(sessions) is awaited once every session ended, while the daemon still publishes."""
     from engine.avatar_model import AvatarModel
     from fastavatar_stream.daemon import Daemon, DaemonConfig
     from fastavatar_stream.session import SessionOptions
@@ -80,6 +81,8 @@ def run_daemon(weights: Path, clips: list[Path], *, ray: str | None, actors: int
                 for sid in ids:
                     daemon.subscribe(sid, lambda buffer, stats, d=daemon: on_version(d, buffer, stats))
             sessions = {sid: await daemon.wait_session(sid) for sid in ids}
+            if before_shutdown is not None:
+                await before_shutdown(sessions)
             return sessions, {sid: daemon.buffers[sid].live_arrays() for sid in ids}
         finally:
             await daemon.shutdown()
@@ -206,12 +209,19 @@ def test_killing_an_actor_mid_stream_moves_its_sessions_and_versions_go_on(ray_c
                     continue
                 received.setdefault(v.session, []).append(v)
 
+    async def final_versions_received(sessions) -> None:
+        deadline = time.time() + 20
+        while time.time() < deadline and any(
+                not received.get(sid) or received[sid][-1].version < s.report.versions[-1]
+                for sid, s in sessions.items()):
+            await asyncio.sleep(0.1)
+
     listener = threading.Thread(target=subscribe, daemon=True)
     listener.start()
     try:
         sessions, arrays = run_daemon(micro_weights, clips + clips, ray="local", actors=2, refine_s=1.0,
-                                      publish=pub, control=ctl, on_version=kill_after_first_version)
-        time.sleep(1.0)  # the last deltas reach the subscriber
+                                      publish=pub, control=ctl, on_version=kill_after_first_version,
+                                      before_shutdown=final_versions_received)
     finally:
         stop.set()
         listener.join(timeout=10)
