@@ -70,6 +70,18 @@ class AvatarState:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass
+class FuserState:
+    """What an IncrementalFuser needs to go on somewhere else (another engine worker, another machine) exactly
+    where it stopped: the avatar of the newest version (uids included), its number, the identity shape and the next
+    free uid (ids of pruned Gaussians are never handed out again)."""
+
+    version: int
+    avatar: GaussianSet
+    shape: torch.Tensor | None
+    next_uid: int
+
+
 class IncrementalFuser:
     """Folds window results into one avatar under a Gaussian budget; versions strictly increase."""
 
@@ -83,6 +95,18 @@ class IncrementalFuser:
         self._avatar = GaussianSet.empty()
         self._shape: torch.Tensor | None = None
         self._next_uid = 0
+
+    @classmethod
+    def resume(cls, state: FuserState, budget: int = 60_000, threshold: float = 0.0,
+               keep_pool: bool = True) -> "IncrementalFuser":
+        """A fuser that goes on from `state`: its next version is state.version + 1."""
+        fuser = cls(budget, threshold, keep_pool)
+        fuser._version, fuser._avatar, fuser._next_uid = state.version, state.avatar, state.next_uid
+        fuser._shape = state.shape
+        return fuser
+
+    def state(self) -> FuserState:
+        return FuserState(self._version, self._avatar, self._shape, self._next_uid)
 
     @property
     def version(self) -> int:

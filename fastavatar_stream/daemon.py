@@ -1,9 +1,11 @@
 """The daemon: sessions, the tracking pool, the engine worker, publishing and control.
 
 One asyncio event loop runs sources, control requests and publishing; it never runs model or tracking code.
-Tracking runs in a thread pool (each session's frames in order), the model in one engine worker thread.
-Every new avatar version is converted to world-space arrays on the worker, then installed on the loop in the
-session's `AvatarBuffer`, published on ZeroMQ (deltas) and handed to in-process subscribers (WebRTC peers).
+Tracking runs in a thread pool (each session's frames in order), the model in an engine worker: one thread in
+this process, or (`DaemonConfig.ray`) Ray actors on this machine or a cluster (`ray_engine`); both are an
+`EngineBackend`. Every new avatar version is converted to world-space arrays on the worker's thread, then installed
+on the loop in the session's `AvatarBuffer`, published on ZeroMQ (deltas) and handed to in-process subscribers
+(WebRTC peers).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from engine.errors import InputError
 from engine.fusion import AvatarState
 from engine.refine import RefineConfig
 from fastavatar_stream.session import Session, SessionOptions
+from fastavatar_stream.session_engine import EngineBackend
 from fastavatar_stream.worker import EngineWorker
 from protocols.avatar_buffer import AvatarBuffer
 from protocols.errors import ProtocolError
@@ -36,7 +39,9 @@ Subscriber = Callable[[AvatarBuffer, dict], None]
 @dataclass
 class DaemonConfig:
     """weights: our checkpoint dir (None: the shipped default). publish/control: ZeroMQ endpoints (None: off).
-    max_sessions: concurrent sessions. snapshot_dir: final avatars are written there as PLY (None: off)."""
+    max_sessions: concurrent sessions. snapshot_dir: final avatars are written there as PLY (None: off).
+    ray: run the engine on Ray actors ("local", "auto" or a cluster address; None: one thread in this process);
+    engine_actors: how many (None: one per GPU of the cluster)."""
 
     weights: str | None = None
     device: str = "cpu"
@@ -47,6 +52,8 @@ class DaemonConfig:
     snapshot_dir: Path | None = None
     session_defaults: SessionOptions = field(default_factory=SessionOptions)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    ray: str | None = None
+    engine_actors: int | None = None
 
 
 class Daemon:
@@ -59,12 +66,13 @@ class Daemon:
         self.buffers: dict[str, AvatarBuffer] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._subscribers: dict[str, list[Subscriber]] = {}
+        self._handed_over: dict[str, int] = {}  # newest version the engine handed over, per session
         self._ids = itertools.count(1)
         self._landmark_model = None
         self._mesh_landmark_model = None
         self.publisher = None
         self.control = None
-        self.worker: EngineWorker | None = None
+        self.worker: EngineBackend | None = None
         self._track_pool = ThreadPoolExecutor(self.config.tracking_workers, thread_name_prefix="tracking")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control_task: asyncio.Task | None = None
@@ -79,10 +87,9 @@ class Daemon:
 
         self._landmark_model = LandmarkModel.from_head(self.model.head)
         self._mesh_landmark_model = LandmarkModel.mesh_from_head(self.model.head)
-        from fastavatar_stream.worker import warm_up_renderer
-
-        await self._loop.run_in_executor(None, warm_up_renderer, self.config.refine.backend)
-        self.worker = EngineWorker(self.model, self._on_version, refine=self.config.refine)
+        # Ray wants its first call in the main thread (signal handlers); nothing else runs on the loop yet
+        self.worker = (self._make_worker() if self.config.ray else
+                       await self._loop.run_in_executor(None, self._make_worker))
         self.worker.start()
         if self.config.publish:
             from protocols.zmq_transport import AvatarPublisher
@@ -97,6 +104,19 @@ class Daemon:
             self._control_task = asyncio.create_task(self.control.serve())
             log.info("control requests on %s", self.control.endpoint)
         return self
+
+    def _make_worker(self) -> EngineBackend:
+        if self.config.ray is None:
+            from fastavatar_stream.worker import warm_up_renderer
+
+            warm_up_renderer(self.config.refine.backend)
+            return EngineWorker(self.model, self._on_version, refine=self.config.refine)
+        try:
+            from fastavatar_stream.ray_engine import RayConfig, RayEngineWorker
+        except ImportError as exc:
+            raise InputError(f"--ray needs Ray ({exc}); install it with pip install 'fastavatar-stream[ray]'") from None
+        config = RayConfig(self.config.ray, self.config.engine_actors)
+        return RayEngineWorker.launch(config, self.config.weights, self.config.refine, self._on_version)
 
     async def shutdown(self) -> None:
         """Stop sources, let queued work finish briefly, write final snapshots, close sockets."""
@@ -215,6 +235,7 @@ class Daemon:
                 source.close()
             except Exception:
                 log.debug("closing source failed", exc_info=True)
+            self.worker.remove_session(session.id)
             session.report.finish(session.timer)
             self._write_snapshot(session)
             log.info("session %s %s: %d frames, %d windows, version %d%s", session.id, session.state,
@@ -232,9 +253,12 @@ class Daemon:
                 time.sleep(0.002)  # replay back-pressure: wait for the engine, never skip a window
 
     async def _drain(self, session: Session) -> None:
-        """Wait until the engine has taken every window and spent the session's refinement budget."""
+        """Wait until the engine has taken every window and spent the session's refinement budget, and every
+        version it handed over is installed (engines hand a version over before they count its work done)."""
         while session.state == "running":
-            if session.engine_idle() and not session.wants_refinement():
+            installed = session.latest.version if session.latest is not None else 0
+            if (session.engine_idle() and not session.wants_refinement()
+                    and installed >= self._handed_over.get(session.id, 0)):
                 return
             await asyncio.sleep(0.01)
 
@@ -243,6 +267,7 @@ class Daemon:
         with session.timer.time("to_world"):
             arrays = version.gaussians.to_arrays(self.model.prompts, self.model.head, shape=version.shape)
             uids = version.gaussians.uid.numpy().astype(np.uint32)
+        self._handed_over[session.id] = version.version
         self._loop.call_soon_threadsafe(self._install, session, version, uids, arrays, t_capture)
 
     def _install(self, session: Session, version: AvatarState, uids, arrays, t_capture: float) -> None:
@@ -277,7 +302,8 @@ class Daemon:
             return {"sessions": [s.stats() for s in self.sessions.values()]}
         if cmd == "status":
             return {"sessions": len(self.sessions), "running": sum(s.state == "running" for s in self.sessions.values()),
-                    "windows": self.worker.windows_done if self.worker else 0}
+                    "windows": self.worker.windows_done if self.worker else 0,
+                    "migrations": sum(s.report.migrations for s in self.sessions.values())}
         if cmd == "start":
             from fastavatar_stream.sources import open_source
 

@@ -28,7 +28,8 @@ class ReplayReport:
     versions / n_gaussians: avatar version numbers published and the Gaussian count of each (same order).
     stages: per-stage {n, mean, max, total, p50, p95, p99}; latency: capture -> publish p50/p95/p99 over
     the newest frame of each published version. realtime_factor: media seconds processed per wall second.
-    first_avatar_s: first publish minus the capture time of the first frame.
+    first_avatar_s: first publish minus the capture time of the first frame. migrations: times the session moved to
+    another engine worker because its worker died (Ray engine actors).
     """
 
     source: str = ""
@@ -38,6 +39,7 @@ class ReplayReport:
     frames_dropped: int = 0
     frames_unusable: int = 0
     windows: int = 0
+    migrations: int = 0
     strides: list[int] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     n_gaussians: list[int] = field(default_factory=list)

@@ -135,7 +135,7 @@ class Session:
             with self.timer.time("prepare"):
                 prepared = self.preparer.prepare(frame)
             if self.is_holdout(frame.index):
-                self.holdout.append(RefineSample(frame.index, _light(frame), prepared))
+                self.holdout.append(RefineSample(frame.index, light_frame(frame), prepared))
                 return
             self._prepared[frame.index] = prepared
             while len(self._prepared) > self.options.max_prepared:
@@ -219,7 +219,7 @@ class Session:
             have = {s.index for s in self.refine_pool}
             for frame in window.frames:
                 if frame.index not in have:
-                    self.refine_pool.append(RefineSample(frame.index, _light(frame), self.prepared(frame)))
+                    self.refine_pool.append(RefineSample(frame.index, light_frame(frame), self.prepared(frame)))
             limit = self.options.refine_pool_size
             if len(self.refine_pool) > limit:
                 keep = np.linspace(0, len(self.refine_pool) - 1, limit).round().astype(int)
@@ -272,7 +272,7 @@ class Session:
         }
 
 
-def _light(frame: TrackedFrame) -> TrackedFrame:
+def light_frame(frame: TrackedFrame) -> TrackedFrame:
     """A copy without the full-resolution image (kept samples hold the model-size crop instead)."""
     return TrackedFrame(image=np.zeros((0, 0, 3), np.uint8), pts=frame.pts, index=frame.index, K=frame.K,
                         viewmat=frame.viewmat, flame=frame.flame, landmarks=frame.landmarks, box=frame.box,

@@ -1,7 +1,8 @@
-"""The engine worker: one thread per device that owns the model.
+"""The engine worker: one thread per device that owns the model (the in-process `EngineBackend`).
 
 It takes ready windows from all sessions, oldest first, runs the LGRT on them, folds the result into the
-session's avatar and hands the new version to the event loop. When no window is ready it spends short bursts
+session's avatar (each session's `SessionEngine`, the same code Ray engine actors run) and hands the new version
+to the event loop. When no window is ready it spends short bursts
 refining the avatar of a session that asked for it; a burst is short and ends after the optimiser step during
 which any session's window became ready, so a ready window waits at most one burst (usually one step).
 A failure in one session's window ends that session, never the worker.
@@ -13,15 +14,14 @@ import threading
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from engine.avatar_model import AvatarModel
 from engine.fusion import AvatarState
-from engine.refine import RefineConfig, RefineFrames, RefineSession
+from engine.refine import RefineConfig
 from fastavatar_stream.frames import Window
 from fastavatar_stream.session import Session
-from fastavatar_stream.views import refine_frames, tracked_views
+from fastavatar_stream.session_engine import SessionEngine, WindowJob, refine_job
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ class EngineWorker(threading.Thread):
         self.on_version = on_version
         self.refine_config = refine or RefineConfig()
         self._sessions: dict[str, Session] = {}
-        self._refiners: dict[str, RefineSession] = {}
-        self._frames_cache: dict[str, tuple[tuple[int, ...], RefineFrames]] = {}
+        self._engines: dict[str, SessionEngine] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self.windows_done = 0
@@ -69,13 +68,13 @@ class EngineWorker(threading.Thread):
     def add_session(self, session: Session) -> None:
         with self._wake:
             self._sessions[session.id] = session
+            self._engines[session.id] = SessionEngine(session.fuser, self.refine_config)
             self._wake.notify()
 
     def remove_session(self, session_id: str) -> None:
         with self._wake:
             self._sessions.pop(session_id, None)
-            self._refiners.pop(session_id, None)
-            self._frames_cache.pop(session_id, None)
+            self._engines.pop(session_id, None)
 
     def notify(self) -> None:
         with self._wake:
@@ -135,52 +134,26 @@ class EngineWorker(threading.Thread):
             session.window_finished()
 
     def reconstruct_window(self, session: Session, window: Window) -> AvatarState:
-        model = self.model
-        with session.timer.time("prepare_window"):
-            views = tracked_views(window.frames, [session.prepared(f) for f in window.frames], model)
-            pool = (torch.stack([torch.from_numpy(session.prepared(f).image) for f in window.pool])
-                    if window.pool else None)
-            shape = torch.from_numpy(np.asarray(window.frames[-1].flame.shape, np.float32))
-        with session.timer.time("engine"):
-            sets = model.window_gaussians(views, [f.index for f in window.frames], shape, pool,
-                                          fusion=session.options.fusion)
-        with session.timer.time("fuse"):
-            version = session.fuser.add_window(sets, shape)
+        with self._wake:
+            engine = self._engines[session.id]
+        version = engine.run_window(self.model, WindowJob.from_window(session, window), session.timer)
         session.window_folded(window)
         return version
 
-    def _refine_frames(self, session: Session) -> RefineFrames:
-        """The session's refinement targets, rebuilt only when its kept frames changed."""
-        with session.lock:
-            samples = list(session.refine_pool)
-        key = tuple(s.index for s in samples)
-        cached = self._frames_cache.get(session.id)
-        if cached is None or cached[0] != key:
-            with session.timer.time("refine_setup"):
-                cached = (key, refine_frames(samples, self.model))
-            self._frames_cache[session.id] = cached
-        return cached[1]
-
     def _refine_burst(self, session: Session) -> None:
+        with self._wake:
+            engine = self._engines[session.id]
         start = time.perf_counter()
         try:
-            with torch.enable_grad():
-                refiner = self._refiners.get(session.id)
-                if session.take_refine_restart() or refiner is None:
-                    refiner = RefineSession(session.fuser.avatar, self.model.prompts, self.model.head,
-                                            self.refine_config)
-                    self._refiners[session.id] = refiner
-                frames = self._refine_frames(session)
-                with session.timer.time("refine"):
-                    stats = refiner.step(frames, seconds=session.options.refine_burst_seconds,
-                                         stop=self.window_waiting)
-            version = session.fuser.replace(refiner.gaussians(), {"refine": stats})
+            job = refine_job(session, session.options.refine_burst_seconds, engine.targets_key)
+            version = engine.refine(self.model, job, session.timer, stop=self.window_waiting)
         except Exception as exc:
             log.exception("session %s: refinement failed; refinement turned off for it", session.id)
             session.stop_refinement(f"refinement failed: {exc}")
+            session.refinement_spent(start, time.perf_counter())
             return
         finally:
-            end = time.perf_counter()
-            session.refinement_spent(start, end)
-            self.busy_s += end - start
+            self.busy_s += time.perf_counter() - start
+        # handed over before the burst counts as spent: the daemon's drain waits for what was handed over
         self.on_version(session, version, time.time())
+        session.refinement_spent(start, time.perf_counter())

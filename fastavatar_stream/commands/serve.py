@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_landmarks_option(p)
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
     p.add_argument("--snapshot-dir", type=Path, help="write each session's final avatar here as PLY")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the engine on Ray actors: 'local' (a Ray instance of this "
+                                                     "daemon's own), 'auto' (the cluster this machine joined with "
+                                                     "'ray start') or a cluster address; each session is placed on "
+                                                     "the least loaded actor and moves when its actor dies")
+    p.add_argument("--engine-actors", type=int, metavar="N",
+                   help="with --ray: engine actors to run (default: one per GPU of the cluster, 1 without GPUs)")
     p.set_defaults(func=run)
     return p
 
@@ -61,7 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
                               detector=args.landmarks)
     config = DaemonConfig(weights=args.weights, publish=_endpoint(args.publish), control=_endpoint(args.control),
                           max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir,
-                          session_defaults=defaults)
+                          session_defaults=defaults, ray=args.ray, engine_actors=args.engine_actors)
     http = parse_http(args.http) if args.http else None
     sources = [open_source(s, realtime=args.realtime) for s in args.source]
     daemon = Daemon(config)
@@ -94,5 +100,13 @@ async def serve(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_sessions < 1 or args.budget < 1:
         raise InputError("--max-sessions and --budget must be positive")
+    if args.engine_actors is not None and (args.ray is None or args.engine_actors < 1):
+        raise InputError("--engine-actors needs --ray and a positive count")
+    if args.ray not in (None, "local", "auto"):  # before the model loads: a wrong address fails at once
+        try:
+            from fastavatar_stream.ray_engine import check_reachable
+        except ImportError as exc:
+            raise InputError(f"--ray needs Ray ({exc}); install it with pip install 'fastavatar-stream[ray]'") from None
+        check_reachable(args.ray)
     asyncio.run(serve(args))
     return 0

@@ -1,0 +1,150 @@
+"""The seam between the daemon and whatever runs the model for it.
+
+The daemon (ingest, tracking, publishing, control) hands an engine the jobs of its sessions; an engine turns them
+into avatar versions. Two engines implement `EngineBackend`: the in-process `worker.EngineWorker` (one thread per
+device) and `ray_engine.RayEngineWorker` (Ray actors, on this machine or a cluster). Both run the same
+`SessionEngine`, so a window gives the same avatar wherever it runs:
+
+- `WindowJob` / `RefineJob`: what the engine needs of one window or refinement burst (numpy data that travels: the
+  model-size crops, light tracked frames without their full-resolution image).
+- `SessionEngine`: the engine-side state of one session (its fuser, refiner and refinement targets) and the code
+  that folds a window or a refinement burst into the next avatar version.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from engine.avatar_model import AvatarModel
+from engine.fusion import AvatarState, FuserState, IncrementalFuser
+from engine.refine import RefineConfig, RefineFrames, RefineSession
+from fastavatar_stream.frames import TrackedFrame, Window
+from fastavatar_stream.prepare import PreparedFrame
+from fastavatar_stream.session import RefineSample, Session, light_frame
+from fastavatar_stream.views import refine_frames, tracked_views
+
+
+class EngineBackend(Protocol):
+    """What the daemon asks of an engine worker. It takes windows from the sessions it was given (each session's
+    `take_window`/`window_finished`), refines their avatars between windows, and calls the daemon's on_version
+    callback with every new version, in order, from its own thread."""
+
+    windows_done: int
+    busy_s: float
+
+    def start(self) -> None: ...
+    def add_session(self, session: Session) -> None: ...
+    def remove_session(self, session_id: str) -> None: ...
+    def notify(self) -> None: ...
+    def stop(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+@dataclass
+class WindowJob:
+    """One window as the engine needs it.
+
+    frames: the window's sparse tracked frames, without their full-resolution image; prepared: their model-size
+    crops (same order); pool: crops of the FramePack pool frames; fusion: the session's fusion mode.
+    """
+
+    session: str
+    index: int
+    frames: list[TrackedFrame]
+    prepared: list[PreparedFrame]
+    pool: list[PreparedFrame]
+    fusion: str
+
+    @classmethod
+    def from_window(cls, session: Session, window: Window) -> "WindowJob":
+        return cls(session.id, window.index, [light_frame(f) for f in window.frames],
+                   [session.prepared(f) for f in window.frames], [session.prepared(f) for f in window.pool],
+                   session.options.fusion)
+
+
+@dataclass
+class RefineJob:
+    """One refinement burst: `seconds` of optimisation against the session's kept frames. `key` names the kept
+    frames (their indices); `samples` carries them when the engine may not hold that key yet (None: it does).
+    restart: a window changed the avatar since the refiner last started from it."""
+
+    session: str
+    key: tuple[int, ...]
+    samples: list[RefineSample] | None
+    seconds: float
+    restart: bool
+
+
+@dataclass
+class StageLog:
+    """Stage durations recorded where the engine runs, added to the session's StageTimer where it is published."""
+
+    stages: list[tuple[str, float]] = field(default_factory=list)
+
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages.append((stage, time.perf_counter() - t0))
+
+
+class SessionEngine:
+    """The engine side of one session: see the module docstring."""
+
+    def __init__(self, fuser: IncrementalFuser, refine: RefineConfig | None = None) -> None:
+        self.fuser = fuser
+        self.refine_config = refine or RefineConfig()
+        self._refiner: RefineSession | None = None
+        self._targets: tuple[tuple[int, ...], RefineFrames] | None = None
+
+    @classmethod
+    def resume(cls, state: FuserState | None, budget: int, refine: RefineConfig | None = None) -> "SessionEngine":
+        """A fresh engine (state None) or one that goes on from another engine's last version."""
+        fuser = IncrementalFuser(budget=budget) if state is None else IncrementalFuser.resume(state, budget)
+        return cls(fuser, refine)
+
+    @property
+    def targets_key(self) -> tuple[int, ...] | None:
+        return self._targets[0] if self._targets is not None else None
+
+    def run_window(self, model: AvatarModel, job: WindowJob, timer) -> AvatarState:
+        """Reconstruct one window with the LGRT and fold it into the avatar; `timer.time(stage)` times the stages."""
+        with timer.time("prepare_window"):
+            views = tracked_views(job.frames, job.prepared, model)
+            pool = torch.stack([torch.from_numpy(p.image) for p in job.pool]) if job.pool else None
+            shape = torch.from_numpy(np.asarray(job.frames[-1].flame.shape, np.float32))
+        with timer.time("engine"):
+            sets = model.window_gaussians(views, [f.index for f in job.frames], shape, pool, fusion=job.fusion)
+        with timer.time("fuse"):
+            return self.fuser.add_window(sets, shape)
+
+    def refine(self, model: AvatarModel, job: RefineJob, timer,
+               stop: Callable[[], bool] | None = None) -> AvatarState:
+        """Optimise the avatar against the session's kept frames for about `job.seconds` (ending early when `stop()`
+        turns true) and install the result as the next version (the refiner's stats in its `stats`)."""
+        if job.samples is not None and job.key != self.targets_key:
+            with timer.time("refine_setup"):
+                self._targets = (job.key, refine_frames(job.samples, model))
+        if self._targets is None or self._targets[0] != job.key:
+            raise RuntimeError(f"session {job.session}: the refinement frames {job.key} were never sent here")
+        with torch.enable_grad():
+            if job.restart or self._refiner is None:
+                self._refiner = RefineSession(self.fuser.avatar, model.prompts, model.head, self.refine_config)
+            with timer.time("refine"):
+                stats = self._refiner.step(self._targets[1], seconds=job.seconds, stop=stop)
+        return self.fuser.replace(self._refiner.gaussians(), {"refine": stats})
+
+
+def refine_job(session: Session, seconds: float, known_key: tuple[int, ...] | None) -> RefineJob:
+    """The next refinement burst of `session`; its kept frames travel only when the engine holds another key."""
+    with session.lock:
+        samples = list(session.refine_pool)
+    key = tuple(s.index for s in samples)
+    return RefineJob(session.id, key, None if key == known_key else samples, seconds, session.take_refine_restart())
