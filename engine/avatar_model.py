@@ -21,6 +21,10 @@ from engine.reconstruct import Views, forward, network_inputs, slot_sets
 log = logging.getLogger(__name__)
 
 DEFAULT_CROP_SCALE = 2.8
+#: the official framing (SPEC.md §2): the head box, square, side sqrt(w*h) * 1.65
+OFFICIAL_CROP_SCALE = 1.65
+#: `--weights official:DIR` names a copy of the authors' release
+OFFICIAL_PREFIX = "official:"
 
 
 def farthest_point_indices(points: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
@@ -51,6 +55,29 @@ class AvatarModel:
     prompts: object
     point_index: torch.Tensor
     metadata: dict = field(default_factory=dict)
+    tracking_head: object = None
+
+    @property
+    def landmark_head(self):
+        """The HeadModel the tracker fits: the user's FLAME 2023 for official weights, else `head`."""
+        return self.head if self.tracking_head is None else self.tracking_head
+
+    @property
+    def framing(self) -> str:
+        """What the crop box is measured on: "landmarks" (the 68-landmark box, our models) or "head" (the tracked
+        head's whole box above the chin, as the official pipeline's head detector gives it)."""
+        return str(self.metadata.get("framing", "landmarks"))
+
+    @property
+    def expects_matted(self) -> bool:
+        """The network was trained on heads matted on white (the official one was)."""
+        return bool(self.metadata.get("expects_matted", False))
+
+    @property
+    def default_fusion(self) -> str:
+        """How this model's per-frame Gaussians combine unless told otherwise: the official network's own rule
+        (plain concatenation + importance pruning) for official weights, visibility weighting for ours."""
+        return str(self.metadata.get("fusion", "visibility"))
 
     @property
     def input_size(self) -> int:
@@ -104,10 +131,11 @@ class AvatarModel:
     def from_official(cls, weights_path: str | Path, dinov2_path: str | Path | None = None,
                       flame_path: str | Path | None = None, oral_mesh_path: str | Path | None = None, *,
                       head=None, config="official", device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> "AvatarModel":
+                      dtype: torch.dtype = torch.float32, n_points: int | None = None) -> "AvatarModel":
         """The official FastAvatar v2 network with its own 21,675 query points (SPEC.md §5).
 
         Geometry from the weights file, else rebuilt from `flame_path` + `oral_mesh_path` (see `load_official`).
+        `n_points` keeps a farthest-point subset of the points (small test networks; None: all of them).
         Animation uses the non-subdivided official buffers (`OfficialRig`, SPEC.md §8) unless `head` is given;
         pass `engine.load_head(flame2023.pkl, landmarks)` as `head` where landmark tracking is needed too.
         """
@@ -119,10 +147,47 @@ class AvatarModel:
                                flame_path=flame_path, oral_mesh_path=oral_mesh_path)
         prompts = PointPrompts.from_official_geometry(loaded.geometry)
         rig = OfficialRig.from_geometry(loaded.geometry) if head is None else head
+        # all 21,675 points, or a fixed farthest-point subset of `n_points` for a small test network
+        point_index = farthest_point_indices(prompts.v_template, len(prompts) if n_points is None else n_points)
+        if len(point_index) < len(prompts):
+            prompts = prompts.subset(point_index)
         log.info("loaded official weights from %s (geometry: %s, %d points)", weights_path, loaded.geometry_source,
                  len(prompts))
-        return cls(loaded.model, rig, prompts, torch.arange(len(prompts)),
-                   {"source": "official", "geometry_source": loaded.geometry_source})
+        return cls(loaded.model, rig, prompts, point_index,
+                   {"source": "official", "geometry_source": loaded.geometry_source, "crop_scale": OFFICIAL_CROP_SCALE,
+                    "framing": "head", "expects_matted": True, "fusion": "concat"})
+
+    @classmethod
+    def from_release(cls, root: str | Path, *, device: str | torch.device = "cpu") -> "AvatarModel":
+        """The official network from a user's copy of the release (`engine.official_release`), with the user's
+        FLAME 2023 as the tracker's head (its 68-landmark embedding from the release). InputError naming every
+        missing/unreadable file or mis-shaped tensor when the release is incomplete."""
+        from engine.head import load_head
+        from engine.official_release import require_complete
+
+        release = require_complete(root)
+        config = release.config()
+        model = cls.from_official(release.network, release.dinov2, release.flame, release.oral_mesh,
+                                  config=config, device=device, n_points=config.n_points)
+        model.tracking_head = load_head(release.flame, release.landmarks)
+        model.metadata["release"] = str(root)
+        return model
+
+    @classmethod
+    def from_spec(cls, weights: str | Path | None, *, device: str | torch.device = "cpu") -> "AvatarModel":
+        """What `--weights` names: None (the embedded default), `official:DIR` (the authors' release), or a folder:
+        the release when it holds official-format weights, else our checkpoint."""
+        from engine.official_release import is_official_release
+
+        if weights is None:
+            return cls.load(None, device=device)
+        text = str(weights)
+        if text.startswith(OFFICIAL_PREFIX):
+            return cls.from_release(text[len(OFFICIAL_PREFIX):], device=device)
+        if is_official_release(Path(text)):
+            log.info("%s holds the official release's files: loading them as official weights", text)
+            return cls.from_release(text, device=device)
+        return cls.load(text, device=device)
 
     def canonical_points(self, shape: torch.Tensor | None) -> torch.Tensor:
         """(P,3) canonical prompt positions for identity `shape` (S',) (zero-padded/truncated to the head's)."""

@@ -7,7 +7,8 @@ those files are never shipped nor downloaded.
 
 Landmark files understood (68 points in iBUG order, barycentric on the model's faces):
 - `landmark_embedding.npy` (DECA/EMOCA layout, a pickled dict): `full_lmk_faces_idx` /
-  `full_lmk_bary_coords` when present; otherwise `static_lmk_faces_idx`/`static_lmk_bary_coords`
+  `full_lmk_bary_coords` when present (also `landmark_embedding_with_eyes.npy`, as VHAP and the FastAvatar
+  assets ship it: 68 iBUG points then 2 eye points, which are dropped); otherwise `static_lmk_faces_idx`/`static_lmk_bary_coords`
   (51 inner points, iBUG 17-67) plus the frontal (yaw 0, row 39 of 79) row of
   `dynamic_lmk_faces_idx`/`dynamic_lmk_bary_coords` (17 contour points, iBUG 0-16).
 - FLAME's `flame_static_embedding.pkl` (51 points) with `flame_dynamic_embedding.npy` next to it
@@ -40,7 +41,8 @@ DEFAULT_LANDMARK_FILE = "landmarks_68.npz"
 MEDIAPIPE_EMBEDDING_FILE = "mediapipe_landmark_embedding.npz"
 MEDIAPIPE_MESH_POINTS = 478
 USER_MODEL_NAMES = ("generic_model.pkl", "flame2023.pkl", "FLAME_NEUTRAL.pkl", "flame2020.pkl")
-USER_LANDMARK_NAMES = ("landmark_embedding.npy", "landmarks_68.npz", "flame_static_embedding.pkl")
+USER_LANDMARK_NAMES = ("landmark_embedding.npy", "landmark_embedding_with_eyes.npy", "landmarks_68.npz",
+                       "flame_static_embedding.pkl")
 FRONTAL_CONTOUR_ROW = 39  # the dynamic contour tables hold 79 rows for yaw -39..39 degrees
 FLAME_HELP = "get FLAME from https://flame.is.tue.mpg.de (free registration) and pass its path"
 
@@ -309,7 +311,10 @@ def read_landmarks(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(d[key], dtype=dt)
 
     if "full_lmk_faces_idx" in d:
-        return arr("full_lmk_faces_idx", np.int64).reshape(-1), arr("full_lmk_bary_coords", np.float64).reshape(-1, 3)
+        faces, bary = arr("full_lmk_faces_idx", np.int64).reshape(-1), arr("full_lmk_bary_coords", np.float64).reshape(-1, 3)
+        if len(faces) == 70:  # "with eyes" layout: the 68 iBUG points, then one per eye (not used by the tracker)
+            faces, bary = faces[:68], bary[:68]
+        return faces, bary
     if "static_lmk_faces_idx" in d and "dynamic_lmk_faces_idx" in d:
         static_f, static_b = arr("static_lmk_faces_idx", np.int64).reshape(-1), arr("static_lmk_bary_coords",
                                                                                    np.float64).reshape(-1, 3)

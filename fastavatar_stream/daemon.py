@@ -38,10 +38,11 @@ Subscriber = Callable[[AvatarBuffer, dict], None]
 
 @dataclass
 class DaemonConfig:
-    """weights: our checkpoint dir (None: the shipped default). publish/control: ZeroMQ endpoints (None: off).
-    max_sessions: concurrent sessions. snapshot_dir: final avatars are written there as PLY (None: off).
-    ray: run the engine on Ray actors ("local", "auto" or a cluster address; None: one thread in this process);
-    engine_actors: how many (None: one per GPU of the cluster)."""
+    """weights: what `--weights` names (None: the shipped default; `official:DIR`: the authors' release; see
+    `AvatarModel.from_spec`). device: where the model runs ("cpu", "cuda", "cuda:N"). publish/control: ZeroMQ
+    endpoints (None: off). max_sessions: concurrent sessions. snapshot_dir: final avatars are written there as PLY
+    (None: off). ray: run the engine on Ray actors ("local", "auto" or a cluster address; None: one thread in this
+    process); engine_actors: how many (None: one per GPU of the cluster)."""
 
     weights: str | None = None
     device: str = "cpu"
@@ -82,11 +83,12 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         if self.model is None:
             self.model = await self._loop.run_in_executor(
-                None, lambda: AvatarModel.load(self.config.weights, device=self.config.device))
+                None, lambda: AvatarModel.from_spec(self.config.weights, device=self.config.device))
         from fastavatar_stream.tracking import LandmarkModel
 
-        self._landmark_model = LandmarkModel.from_head(self.model.head)
-        self._mesh_landmark_model = LandmarkModel.mesh_from_head(self.model.head)
+        # the tracker fits the model's own head: the user's FLAME 2023 for the official weights
+        self._landmark_model = LandmarkModel.from_head(self.model.landmark_head)
+        self._mesh_landmark_model = LandmarkModel.mesh_from_head(self.model.landmark_head)
         # Ray wants its first call in the main thread (signal handlers); nothing else runs on the loop yet
         self.worker = (self._make_worker() if self.config.ray else
                        await self._loop.run_in_executor(None, self._make_worker))
@@ -138,6 +140,8 @@ class Daemon:
         if len([s for s in self.sessions.values() if s.state == "running"]) >= self.config.max_sessions:
             raise InputError(f"the daemon already runs {self.config.max_sessions} sessions; stop one first")
         options = options or SessionOptions(**vars(self.config.session_defaults))
+        if options.fusion is None:
+            options.fusion = self.model.default_fusion
         if getattr(source, "live", False):
             options.live = True
         session_id = f"s{next(self._ids)}"
@@ -148,7 +152,8 @@ class Daemon:
             self._track_pool, functools.partial(FaceTracker, self._landmark_model, config,
                                                 mesh_model=self._mesh_landmark_model))
         session = Session(session_id, name or getattr(source, "name", session_id), options,
-                          self.model.input_size, tracker, crop_scale=self.model.crop_scale)
+                          self.model.input_size, tracker, expects_matted=self.model.expects_matted,
+                          crop_scale=self.model.crop_scale, head_box=self._head_box())
         self.sessions[session_id] = session
         self.buffers[session_id] = AvatarBuffer(session_id)
         session.report.fps = float(getattr(source, "fps", 0.0) or 0.0)  # media time counts the last frame too
@@ -157,6 +162,15 @@ class Daemon:
         self._tasks[session_id] = asyncio.create_task(self._run_session(session, source))
         log.info("session %s started: %s", session_id, session.name)
         return session_id
+
+    def _head_box(self):
+        """The official framing measures the crop on the tracked head's box (see prepare.HeadBox); ours on the
+        68-landmark box (None)."""
+        if self.model.framing != "head":
+            return None
+        from fastavatar_stream.prepare import HeadBox
+
+        return HeadBox(self.model.landmark_head)
 
     async def close_session(self, session_id: str) -> None:
         task = self._tasks.get(session_id)

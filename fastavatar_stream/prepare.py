@@ -6,7 +6,13 @@ antialiasing, mattes the head and composites it on white. A stream has no "all f
 keeps a smoothed box instead. Its centre follows the tracked box with an exponential moving average;
 its side grows fast (so a head moving towards the camera is not cut) and shrinks slowly ("union-ish":
 it behaves like a union over the recent past). Notice the box type matters: 1.65 is the official factor
-for a whole-head box; a tight 68-landmark face box needs a larger `scale` for the same framing.
+for a whole-head box; a tight 68-landmark face box needs a larger `scale` for the same framing. For the
+official weights the box is `HeadBox`: the tracked FLAME head above the chin, posed and projected, which is
+what the official head detector boxes (the whole head, without the neck).
+
+Matting: a model trained on matted heads (`expects_matted`, the official one) gets each crop composited on
+white through the tracker's matte (`TrackedFrame.matte`, cropped like the image) or a `matting` model; when
+neither is there the crop keeps its own background and a note says so once per session.
 
 Pixel convention: OpenCV, the centre of pixel i is at coordinate i. A crop covering the continuous
 range [a, a + side) resized to S pixels maps u -> (u - a) * S / side - 0.5, which is how K is updated.
@@ -125,8 +131,10 @@ class FramePreparer:
 
     size: model input side in pixels. scale: crop side / sqrt(box area). background: RGB 0..255 used for
     out-of-image area and for compositing a matte. matting: optional matting model (see `Matting`).
-    expects_matted: the model was trained on matted heads (the official weights are); without a matting
-    model that is logged once per session. center_alpha: EMA weight of a new box centre; grow_alpha /
+    expects_matted: the model was trained on matted heads (the official weights are): crops are composited on
+    `background` through the frame's matte (or `matting`); without either that is noted once per session.
+    head_box: TrackedFrame -> (4,) box the crop is measured on (None: the tracker's landmark box `frame.box`).
+    center_alpha: EMA weight of a new box centre; grow_alpha /
     shrink_alpha: EMA weights of the side when it grows / shrinks.
     """
 
@@ -138,8 +146,10 @@ class FramePreparer:
     center_alpha: float = 0.3
     grow_alpha: float = 0.7
     shrink_alpha: float = 0.05
+    head_box: Callable[[TrackedFrame], np.ndarray] | None = None
     box: CropBox | None = None
     notes: list[str] = field(default_factory=list)
+    mattes_used: int = 0
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -149,11 +159,6 @@ class FramePreparer:
         for name in ("center_alpha", "grow_alpha", "shrink_alpha"):
             if not 0 < getattr(self, name) <= 1:
                 raise InputError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        if self.expects_matted and self.matting is None:
-            note = ("no matting model given: frames keep their own background, but this model expects heads "
-                    "matted on a plain colour; quality may drop (pass a matting model to fix it)")
-            self.notes.append(note)
-            log.warning(note)
 
     def update_box(self, face_box: np.ndarray) -> CropBox:
         """Fold a tracked (4,) x0, y0, x1, y1 box into the session's smoothed square crop."""
@@ -171,18 +176,90 @@ class FramePreparer:
     def prepare(self, frame: TrackedFrame, update: bool = True) -> PreparedFrame:
         """Crop, resize, optionally matte one tracked frame. update=False reuses the current box."""
         if update or self.box is None:
-            self.update_box(frame.box)
+            self.update_box(frame.box if self.head_box is None else self.head_box(frame))
         crop = self.box
         rgb = crop_resize(frame.image, crop, self.size, self.background)
-        alpha = None
-        if self.matting is not None:
-            alpha = np.asarray(self.matting(rgb), np.float32)
-            if alpha.shape != (self.size, self.size):
-                raise ValueError(f"matting model returned shape {alpha.shape}, expected ({self.size}, {self.size})")
-            alpha = np.clip(alpha, 0.0, 1.0)
+        alpha = self._alpha(frame, rgb, crop)
+        if alpha is not None:
             bg = np.asarray(self.background, np.float32) / 255.0
             rgb = alpha[..., None] * rgb + (1.0 - alpha[..., None]) * bg
         return PreparedFrame(image=np.ascontiguousarray(rgb.transpose(2, 0, 1), np.float32),
                              K=crop_intrinsics(frame.K, crop, self.size), crop=crop,
                              landmarks=to_crop_pixels(frame.landmarks, crop, self.size).astype(np.float32),
                              alpha=alpha)
+
+    def _alpha(self, frame: TrackedFrame, rgb: np.ndarray, crop: CropBox) -> np.ndarray | None:
+        """(S, S) matte of the crop: from the matting model, else (for a model that expects matted heads) the
+        tracker's full-frame matte cropped like the image; None when there is none."""
+        if self.matting is not None:
+            alpha = np.asarray(self.matting(rgb), np.float32)
+            if alpha.shape != (self.size, self.size):
+                raise ValueError(f"matting model returned shape {alpha.shape}, expected ({self.size}, {self.size})")
+            return np.clip(alpha, 0.0, 1.0)
+        if not self.expects_matted:
+            return None
+        matte = getattr(frame, "matte", None)
+        if matte is None:
+            if NO_MATTE_NOTE not in self.notes:
+                self.notes.append(NO_MATTE_NOTE)
+                log.warning(NO_MATTE_NOTE)
+            return None
+        self.mattes_used += 1
+        return crop_matte(np.asarray(matte, np.float32), crop, self.size)
+
+
+NO_MATTE_NOTE = ("no matte available (the tracker gave none for a frame): this model was trained on heads matted on "
+                 "white, so those crops keep their own background and quality may drop")
+
+
+def crop_matte(matte: np.ndarray, crop: CropBox, size: int) -> np.ndarray:
+    """A full-frame (H, W) matte in [0, 1] cropped and resized like `crop_resize` crops the image (outside: 0)."""
+    grey = (np.clip(matte, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    out = crop_resize(np.repeat(grey[:, :, None], 3, axis=2), crop, size, fill=(0, 0, 0))
+    return np.ascontiguousarray(out[:, :, 0])
+
+
+class HeadBox:
+    """The tracked head's box in the frame: the vertices of the FLAME fit above the chin (the neck left out),
+    posed with the frame's fit and projected with its camera. What the official pipeline's head detector boxes.
+
+    head: an `engine.head.HeadModel` (the head the tracker fits).
+    """
+
+    def __init__(self, head) -> None:
+        import torch
+
+        self.head = head
+        template = head.template.detach()
+        with torch.no_grad():
+            chin_y = float(head.landmark_vertices(template[None])[0, CHIN_LANDMARK, 1])
+        self.vertices = torch.nonzero(template[:, 1] >= chin_y).squeeze(1)
+
+    def __call__(self, frame: TrackedFrame) -> np.ndarray:
+        import torch
+
+        from engine.types import FlameParams
+
+        if frame.flame is None:
+            return frame.box
+        fit = frame.flame
+
+        def row(values, width: int | None = None) -> torch.Tensor:
+            v = torch.as_tensor(np.asarray(values, np.float32)).reshape(1, -1)
+            return v if width is None else torch.nn.functional.pad(v[:, :width], (0, width - v[:, :width].shape[1]))
+
+        params = FlameParams(shape=row(fit.shape, self.head.n_shape), expression=row(fit.expression,
+                                                                                      self.head.n_expression),
+                             rotation=row(fit.rotation), neck=row(fit.neck), jaw=row(fit.jaw), eyes=row(fit.eyes),
+                             translation=row(fit.translation))
+        with torch.no_grad():
+            world = self.head(params).vertices[0, self.vertices].double().numpy()
+        view = np.asarray(frame.viewmat, np.float64)
+        cam = world @ view[:3, :3].T + view[:3, 3]
+        uv = (cam[:, :2] / np.maximum(cam[:, 2:3], 1e-6)) @ np.asarray(frame.K, np.float64)[:2, :2].T \
+            + np.asarray(frame.K, np.float64)[:2, 2]
+        return np.array([*uv.min(axis=0), *uv.max(axis=0)], np.float32)
+
+
+#: iBUG index of the chin tip
+CHIN_LANDMARK = 8

@@ -39,7 +39,8 @@ class ReplayOptions:
     fov_degrees: float = 40.0
     progress: bool = True
     linger_s: float = 0.0
-    fusion: str = "visibility"
+    fusion: str | None = None
+    device: str = "cpu"
 
 
 async def run_replay(opts: ReplayOptions) -> dict:
@@ -50,7 +51,8 @@ async def run_replay(opts: ReplayOptions) -> dict:
     options = SessionOptions(live=opts.realtime, budget=opts.budget, holdout=opts.holdout,
                              refine_seconds=opts.refine_seconds, max_frames=opts.max_frames,
                              detector=opts.detector, fov_degrees=opts.fov_degrees, fusion=opts.fusion)
-    daemon = Daemon(DaemonConfig(weights=opts.weights, publish=opts.publish, control=opts.control))
+    daemon = Daemon(DaemonConfig(weights=opts.weights, device=opts.device, publish=opts.publish,
+                                 control=opts.control))
     await daemon.start()
     try:
         session_id = await daemon.open_session(source, name=str(opts.source), options=options)
@@ -106,7 +108,8 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dic
     model = daemon.model
     extra = {"session": session.stats(), "tracker": dict(session.tracker.counts),
              "model": model.network.cfg.name, "weights": str(opts.weights or "default"),
-             "windower": vars(session.windower.stats), **window_log(session)}
+             "windower": vars(session.windower.stats), "input": input_preparation(model, session),
+             **window_log(session)}
     if opts.holdout and session.holdout:
         extra_holdout = evaluate_holdout(model, session, out / "holdout.png")
         report.extra["holdout"] = extra_holdout
@@ -120,6 +123,16 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dic
         data["holdout"] = data["extra"]["holdout"]  # NaN-free copy (to_dict maps NaN to None)
     (out / "report.json").write_text(__import__("json").dumps(data, indent=2))
     return data
+
+
+def input_preparation(model, session: Session) -> dict:
+    """How this session's frames were framed and matted for the model, and how its Gaussians were fused."""
+    preparer = session.preparer
+    matte = ("not used (the model takes unmatted crops)" if not model.expects_matted else
+             f"tracker matte on {preparer.mattes_used} of {session.frames_tracked} frames" if preparer.mattes_used
+             else "none available: crops keep their own background")
+    return {"framing": model.framing, "crop_scale": preparer.scale, "size": preparer.size, "matte": matte,
+            "fusion": session.options.fusion}
 
 
 def window_log(session: Session) -> dict:

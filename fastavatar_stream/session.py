@@ -34,7 +34,8 @@ class SessionOptions:
     refinement for evaluation (0: none). refine_seconds: total refinement time for this session (0: off).
     max_frames: stop after this many source frames (None: the whole stream).
     fusion: "visibility" (each copy of an anchor weighs by how squarely its frame saw it) or "concat" (the paper's
-      plain concatenation, every copy at its predicted opacity).
+      plain concatenation, every copy at its predicted opacity, pruned by importance); None: the model's default
+      (`AvatarModel.default_fusion`, set when the daemon opens the session).
     refine_burst_seconds: length of one refinement burst on the engine worker (a ready window waits at most
       about this long, usually one optimiser step). refine_pool_size: most tracked frames the refiner fits
       against (spread over the session). max_timings: window/burst timing records kept.
@@ -47,7 +48,7 @@ class SessionOptions:
     refine_burst_seconds: float = 0.25
     refine_pool_size: int = 24
     max_frames: int | None = None
-    fusion: str = "visibility"
+    fusion: str | None = None
     detector: str = "auto"
     fov_degrees: float = 40.0
     max_ready_windows: int = 2
@@ -85,15 +86,16 @@ class Session:
     """State of one stream; see the module docstring for who touches what."""
 
     def __init__(self, session_id: str, name: str, options: SessionOptions, input_size: int,
-                 tracker, expects_matted: bool = False, crop_scale: float = 2.8) -> None:
+                 tracker, expects_matted: bool = False, crop_scale: float = 2.8, head_box=None) -> None:
         self.id = session_id
         self.name = name
         self.options = options
         self.tracker = tracker
-        self.preparer = FramePreparer(size=input_size, scale=crop_scale, expects_matted=expects_matted)
+        self.report = ReplayReport(source=name, realtime=options.live)
+        self.preparer = FramePreparer(size=input_size, scale=crop_scale, expects_matted=expects_matted,
+                                      head_box=head_box, notes=self.report.notes)
         self.windower = Windower(session_id)
         self.fuser = IncrementalFuser(budget=options.budget)
-        self.report = ReplayReport(source=name, realtime=options.live)
         self.timer = StageTimer()
         self.state = "running"
         self.error: str | None = None

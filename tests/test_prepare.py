@@ -130,8 +130,8 @@ def test_matting_composites_on_the_background_and_missing_matting_is_said_once(c
         plain = FramePreparer(size=32, expects_matted=True)
         plain.prepare(tracked(img, [16, 16, 48, 48]))
         plain.prepare(tracked(img, [16, 16, 48, 48]))
-    msgs = [r.getMessage() for r in caplog.records if "matting" in r.getMessage()]
-    assert len(msgs) == 1 and "no matting model" in msgs[0] and plain.notes == msgs
+    msgs = [r.getMessage() for r in caplog.records if "matte" in r.getMessage()]
+    assert len(msgs) == 1 and "no matte available" in msgs[0] and plain.notes == msgs
     assert FramePreparer(size=32).notes == []  # our default model copes without: nothing to say
 
 

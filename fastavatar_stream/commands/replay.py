@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from engine.errors import InputError
-from fastavatar_stream.commands._common import add_landmarks_option, output_dir
+from fastavatar_stream.commands._common import (DEVICE_HELP, WEIGHTS_HELP, add_landmarks_option, output_dir,
+                                               resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="replay the built-in demo clip (made on the fly from a public-domain portrait)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--weights", help="checkpoint folder (default: the embedded default model)")
+    p.add_argument("--weights", help=WEIGHTS_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--realtime", action="store_true",
                    help="pace frames to the file's timestamps and behave like a live stream (stride grows when "
                         "the engine is slower than the frames)")
@@ -43,9 +45,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help=f"per-session refinement time budget (default: {DEMO_REFINE_SECONDS:g} s)")
     refine.add_argument("--no-refine", action="store_true", help="feed-forward avatar only")
     p.add_argument("--budget", type=int, default=60_000, help="most Gaussians the avatar keeps (default 60000)")
-    p.add_argument("--fusion", choices=["visibility", "concat"], default="visibility",
+    p.add_argument("--fusion", choices=["visibility", "concat"], default=None,
                    help="how per-frame Gaussians combine: visibility (each anchor's copies weighted by how squarely "
-                        "their frames saw it; default) or concat (the paper's plain concatenation)")
+                        "their frames saw it; default for our models) or concat (the paper's plain concatenation "
+                        "and importance pruning; default for the official weights)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     add_landmarks_option(p)
     p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the camera in degrees")
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         source = str(make_demo_clip(Path(tempfile.mkdtemp(prefix="fastavatar-demo-")) / "demo.mp4"))
     elif not Path(source).exists() and not str(source).startswith("device:"):
         raise InputError(f"{source} does not exist")
+    device = resolve_device(args.device)
     output_dir(args.out)
     refine = 0.0 if args.no_refine else (DEMO_REFINE_SECONDS if args.refine is None else args.refine)
     if refine < 0:
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                          publish=args.publish, control=args.control, holdout=args.holdout, refine_seconds=refine,
                          budget=args.budget, max_frames=args.max_frames, detector=args.landmarks,
                          fov_degrees=args.fov, progress=not args.no_progress and sys.stderr.isatty(),
-                         linger_s=args.linger, fusion=args.fusion)
+                         linger_s=args.linger, fusion=args.fusion, device=device)
     report = asyncio.run(run_replay(opts))
     summary = {k: report.get(k) for k in ("frames_read", "frames_tracked", "windows", "versions", "wall_s",
                                           "realtime_factor", "first_avatar_s", "n_gaussians_final")}

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from engine.errors import InputError
-from fastavatar_stream.commands._common import add_landmarks_option
+from fastavatar_stream.commands._common import DEVICE_HELP, WEIGHTS_HELP, add_landmarks_option, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                        "e.g. 127.0.0.1:8080")
     p.add_argument("--source", action="append", default=[],
                    help="start a session from this file/folder/device:NAME at start-up (repeatable)")
-    p.add_argument("--weights", help="checkpoint folder (default: the embedded default model)")
+    p.add_argument("--weights", help=WEIGHTS_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--realtime", action="store_true", help="pace file sources to their timestamps")
     p.add_argument("--refine", type=float, default=30.0, metavar="SECONDS",
                    help="per-session refinement budget (default 30; 0 disables)")
     p.add_argument("--budget", type=int, default=60_000, help="most Gaussians per avatar (default 60000)")
-    p.add_argument("--fusion", choices=["visibility", "concat"], default="visibility",
-                   help="how per-frame Gaussians combine (default visibility; concat = the paper's concatenation)")
+    p.add_argument("--fusion", choices=["visibility", "concat"], default=None,
+                   help="how per-frame Gaussians combine (default: visibility for our models, concat = the paper's "
+                        "concatenation and importance pruning for the official weights)")
     add_landmarks_option(p)
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
     p.add_argument("--snapshot-dir", type=Path, help="write each session's final avatar here as PLY")
@@ -65,7 +67,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     defaults = SessionOptions(budget=args.budget, refine_seconds=max(args.refine, 0.0), fusion=args.fusion,
                               detector=args.landmarks)
-    config = DaemonConfig(weights=args.weights, publish=_endpoint(args.publish), control=_endpoint(args.control),
+    config = DaemonConfig(weights=args.weights, device=resolve_device(args.device),
+                          publish=_endpoint(args.publish), control=_endpoint(args.control),
                           max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir,
                           session_defaults=defaults, ray=args.ray, engine_actors=args.engine_actors)
     http = parse_http(args.http) if args.http else None
