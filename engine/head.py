@@ -311,7 +311,8 @@ def read_landmarks(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(d[key], dtype=dt)
 
     if "full_lmk_faces_idx" in d:
-        faces, bary = arr("full_lmk_faces_idx", np.int64).reshape(-1), arr("full_lmk_bary_coords", np.float64).reshape(-1, 3)
+        faces = arr("full_lmk_faces_idx", np.int64).reshape(-1)
+        bary = arr("full_lmk_bary_coords", np.float64).reshape(-1, 3)
         if len(faces) == 70:  # "with eyes" layout: the 68 iBUG points, then one per eye (not used by the tracker)
             faces, bary = faces[:68], bary[:68]
         return faces, bary

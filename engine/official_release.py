@@ -3,14 +3,16 @@
 Files (SPEC.md §8-§9), found by name anywhere under the folder (the release's own `model_zoo/...` tree, a Hugging
 Face hub folder or one flat folder):
 
-| role      | file                                   | needed                                             |
-|-----------|----------------------------------------|----------------------------------------------------|
-| network   | model.safetensors                      | always                                             |
-| dinov2    | dinov2_vitl14_reg4_pretrain.pth        | when model.safetensors lacks `encoder.model.*`     |
-| flame     | flame2023.pkl                          | always (tracking fits it; geometry rebuilt from it) |
-| oral      | oral_jawopen0p5.obj                    | when model.safetensors lacks the geometry buffers  |
-| landmarks | landmark_embedding_with_eyes.npy (or DECA's landmark_embedding.npy) | always (the tracker's 68 points on FLAME) |
-| config    | fastavatar_config.json                 | never: only our small test releases have it; a real release is the `official` config |
+| role      | file                                  | needed                                                  |
+|-----------|---------------------------------------|---------------------------------------------------------|
+| network   | model.safetensors                     | always                                                  |
+| dinov2    | dinov2_vitl14_reg4_pretrain.pth       | when model.safetensors lacks `encoder.model.*`          |
+| flame     | flame2023.pkl                         | always (the tracker fits it; geometry is rebuilt from it) |
+| oral      | oral_jawopen0p5.obj                   | when model.safetensors lacks the geometry buffers       |
+| landmarks | landmark_embedding_with_eyes.npy      | always: the tracker's 68 points on FLAME (or DECA's      |
+|           |                                       | landmark_embedding.npy)                                 |
+| config    | fastavatar_config.json                | never: only our small test releases have one; a real    |
+|           |                                       | release is the `official` config                        |
 
 `check_release` reads headers only (safetensors metadata, a memory-mapped .pth, the FLAME pickle, the OBJ), so it
 is quick even for the 4 GB network file, and names every missing file, unreadable file and mis-shaped tensor.
@@ -247,6 +249,9 @@ def check_release(root: str | Path) -> ReleaseCheck:
             has_geometry = all(GEOMETRY_PREFIX + k in have for k in GEOMETRY_KEYS)
             want = {k: s for k, s in expected.items() if has_dino or not k.startswith("encoder.model.")}
             problems = _compare(rel(release.network), have, want)
+            if not any(k.startswith(OFFICIAL_ONLY_PREFIXES) for k in have):
+                problems = [f"{rel(release.network)} holds no official FastAvatar tensors (pcl_embed.*, renderer.*, "
+                            "...): it is not the release's model file"]
             rows.append(CheckRow("network", rel(release.network), "wrong" if problems else "found",
                                  f"{len(want)} network tensors ({config.name} sizes)", problems))
         except InputError as exc:
@@ -313,6 +318,7 @@ def require_complete(root: str | Path) -> OfficialRelease:
     check = check_release(root)
     if not check.complete:
         problems = check.problems()
-        more = f" (+{len(problems) - 4} more; run `fastavatar-stream check-weights {root}`)" if len(problems) > 4 else ""
+        more = (f" (+{len(problems) - 4} more; run `fastavatar-stream check-weights {root}`)"
+                if len(problems) > 4 else "")
         raise InputError(f"official release {root} is incomplete: " + "; ".join(problems[:4]) + more)
     return check.release
