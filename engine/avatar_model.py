@@ -16,7 +16,7 @@ from engine.errors import InputError
 from engine.fusion import POOL_FRAME
 from engine.gaussians import GaussianSet
 from engine.model.lgrt import LGRT
-from engine.reconstruct import Views, forward, network_inputs, slot_sets
+from engine.reconstruct import Views, forward_batch, network_inputs, slot_sets
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +208,49 @@ class AvatarModel:
         slot UNSEEN), so the fused avatar weighs each anchor's copies by how squarely their frames saw it;
         "concat": no weights.
         """
-        if len(views) != len(frame_ids):
-            raise ValueError(f"{len(views)} views but {len(frame_ids)} frame ids")
-        inputs = network_inputs(self.network.cfg, self.prompts, self.head, views, fusion)
-        output = forward(self.network, views.images, self.canonical_points(shape), inputs, pool)
-        slots = list(range(output.n_slots))
-        sets = slot_sets(output, slots, list(frame_ids[: len(slots) - 1]) + [POOL_FRAME], inputs.seen)
-        return [s.to("cpu") for s in sets]
+        return self.windows_gaussians([WindowRequest(views, list(frame_ids), shape, pool, fusion)])[0]
+
+    @torch.inference_mode()
+    def windows_gaussians(self, windows: list["WindowRequest"]) -> list[list[GaussianSet]]:
+        """Several windows (of different sessions) -> each one's `window_gaussians` result. Windows with the same
+        `WindowRequest.batch_key` go through the network in one batched forward, in the order given (oldest
+        first); each result equals its window's own run up to floating-point summation order."""
+        for w in windows:
+            if len(w.views) != len(w.frame_ids):
+                raise ValueError(f"{len(w.views)} views but {len(w.frame_ids)} frame ids")
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(windows):
+            groups.setdefault(w.batch_key(), []).append(i)
+        results: list[list[GaussianSet]] = [[] for _ in windows]
+        for members in groups.values():
+            batch = [windows[i] for i in members]
+            inputs = [network_inputs(self.network.cfg, self.prompts, self.head, w.views, w.fusion) for w in batch]
+            images = torch.stack([w.views.images for w in batch])
+            points = torch.stack([self.canonical_points(w.shape) for w in batch])
+            pool = torch.stack([w.pool for w in batch]) if batch[0].pool is not None else None
+            output = forward_batch(self.network, images, points, inputs, pool)
+            slots = list(range(output.n_slots))
+            for b, (i, w, net_inputs) in enumerate(zip(members, batch, inputs)):
+                frames = list(w.frame_ids[: len(slots) - 1]) + [POOL_FRAME]
+                sets = slot_sets(output, slots, frames, net_inputs.seen, batch_index=b)
+                results[i] = [s.to("cpu") for s in sets]
+        return results
+
+
+@dataclass
+class WindowRequest:
+    """One window for `AvatarModel.windows_gaussians` (see `window_gaussians` for the fields)."""
+
+    views: Views
+    frame_ids: list[int]
+    shape: torch.Tensor | None = None
+    pool: torch.Tensor | None = None
+    fusion: str = "visibility"
+
+    def __post_init__(self) -> None:
+        if self.pool is not None and self.pool.shape[0] == 0:
+            self.pool = None
+
+    def batch_key(self) -> tuple:
+        """Windows with equal keys share one forward: the same number and size of views and of pool frames."""
+        return (tuple(self.views.images.shape), 0 if self.pool is None else int(self.pool.shape[0]))

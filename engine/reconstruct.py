@@ -116,12 +116,22 @@ def forward(network: LGRT, images: torch.Tensor, points: torch.Tensor, inputs: N
     """The network on one window (batch of one): images (N,3,S,S) in [0,1] (frames 16.. are pooled), points (P,3)
     canonical prompts, pool (F,3,S,S) extra FramePack frames or None. Returns (1,S,P,k) fields, S = min(N,16)+1,
     on the network's device; gradients flow unless the caller disables them."""
+    return forward_batch(network, images[None], points[None], [inputs], None if pool is None else pool[None])
+
+
+def forward_batch(network: LGRT, images: torch.Tensor, points: torch.Tensor, inputs: list[NetworkInputs],
+                  pool: torch.Tensor | None = None) -> GaussianHeadOutput:
+    """`forward` for B windows of the same shape in one call: images (B,N,3,S,S), points (B,P,3), one
+    NetworkInputs per window, pool (B,F,3,S,S) or None. Attention never mixes batch items, so item b equals its own
+    `forward` up to floating-point summation order. Returns (B,S,P,k) fields."""
     device = next(network.parameters()).device
-    batch = lambda t: None if t is None else t.to(device)[None]  # noqa: E731
-    guidance = None if inputs.guidance is None else {k: batch(v) for k, v in inputs.guidance.items()}
-    pool = None if pool is None or pool.shape[0] == 0 else pool
-    return network(batch(images), points.to(device), pool_images=batch(pool), guidance=guidance,
-                   point_features=batch(inputs.point_features))
+    stacked = lambda ts: None if ts[0] is None else torch.stack([t.to(device) for t in ts])  # noqa: E731
+    first = inputs[0]
+    guidance = (None if first.guidance is None
+                else {k: stacked([i.guidance[k] for i in inputs]) for k in first.guidance})
+    pool = None if pool is None or pool.shape[1] == 0 else pool.to(device)
+    return network(images.to(device), points.to(device), pool_images=pool, guidance=guidance,
+                   point_features=stacked([i.point_features for i in inputs]))
 
 
 def slot_sets(output: GaussianHeadOutput, slots: list[int], frame_ids: list[int],

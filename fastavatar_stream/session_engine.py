@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from engine.avatar_model import AvatarModel
+from engine.avatar_model import AvatarModel, WindowRequest
 from engine.fusion import AvatarState, FuserState, IncrementalFuser
 from engine.refine import RefineConfig, RefineFrames, RefineSession
 from fastavatar_stream.frames import TrackedFrame, Window
@@ -116,12 +116,22 @@ class SessionEngine:
 
     def run_window(self, model: AvatarModel, job: WindowJob, timer) -> AvatarState:
         """Reconstruct one window with the LGRT and fold it into the avatar; `timer.time(stage)` times the stages."""
+        request = self.window_request(model, job, timer)
+        with timer.time("engine"):
+            sets = model.windows_gaussians([request])[0]
+        return self.fold(sets, request.shape, timer)
+
+    @staticmethod
+    def window_request(model: AvatarModel, job: WindowJob, timer) -> WindowRequest:
+        """The network's view of one window (`AvatarModel.windows_gaussians` may batch it with other sessions')."""
         with timer.time("prepare_window"):
             views = tracked_views(job.frames, job.prepared, model)
             pool = torch.stack([torch.from_numpy(p.image) for p in job.pool]) if job.pool else None
             shape = torch.from_numpy(np.asarray(job.frames[-1].flame.shape, np.float32))
-        with timer.time("engine"):
-            sets = model.window_gaussians(views, [f.index for f in job.frames], shape, pool, fusion=job.fusion)
+        return WindowRequest(views, [f.index for f in job.frames], shape, pool, job.fusion)
+
+    def fold(self, sets, shape: torch.Tensor, timer) -> AvatarState:
+        """Fold one window's per-slot GaussianSets into the avatar: the next version."""
         with timer.time("fuse"):
             return self.fuser.add_window(sets, shape)
 

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "concatenation and importance pruning for the official weights)")
     add_landmarks_option(p)
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="most ready windows of different sessions run in one forward (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--snapshot-dir", type=Path, help="write each session's final avatar here as PLY")
     p.add_argument("--ray", metavar="ADDRESS", help="run the engine on Ray actors: 'local' (a Ray instance of this "
                                                      "daemon's own), 'auto' (the cluster this machine joined with "
@@ -69,7 +71,7 @@ async def serve(args: argparse.Namespace) -> None:
                               detector=args.landmarks)
     config = DaemonConfig(weights=args.weights, device=resolve_device(args.device),
                           publish=_endpoint(args.publish), control=_endpoint(args.control),
-                          max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir,
+                          max_sessions=args.max_sessions, max_batch=args.max_batch, snapshot_dir=args.snapshot_dir,
                           session_defaults=defaults, ray=args.ray, engine_actors=args.engine_actors)
     http = parse_http(args.http) if args.http else None
     sources = [open_source(s, realtime=args.realtime) for s in args.source]
@@ -101,8 +103,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_sessions < 1 or args.budget < 1:
-        raise InputError("--max-sessions and --budget must be positive")
+    if args.max_sessions < 1 or args.budget < 1 or (args.max_batch is not None and args.max_batch < 1):
+        raise InputError("--max-sessions, --max-batch and --budget must be positive")
     if args.engine_actors is not None and (args.ray is None or args.engine_actors < 1):
         raise InputError("--engine-actors needs --ray and a positive count")
     if args.ray not in (None, "local", "auto"):  # before the model loads: a wrong address fails at once
