@@ -168,11 +168,11 @@ class Daemon:
         return session_id
 
     def _head_box(self):
-        """The official framing measures the crop on the tracked head's box (see prepare.HeadBox); ours on the
+        """The official framing measures the crop on the tracked head's box (see views.HeadBox); ours on the
         68-landmark box (None)."""
         if self.model.framing != "head":
             return None
-        from fastavatar_stream.prepare import HeadBox
+        from fastavatar_stream.views import HeadBox
 
         return HeadBox(self.model.landmark_head)
 

@@ -7,7 +7,7 @@ keeps a smoothed box instead. Its centre follows the tracked box with an exponen
 its side grows fast (so a head moving towards the camera is not cut) and shrinks slowly ("union-ish":
 it behaves like a union over the recent past). Notice the box type matters: 1.65 is the official factor
 for a whole-head box; a tight 68-landmark face box needs a larger `scale` for the same framing. For the
-official weights the box is `HeadBox`: the tracked FLAME head above the chin, posed and projected, which is
+official weights the box is `views.HeadBox`: the tracked FLAME head above the chin, posed and projected, which is
 what the official head detector boxes (the whole head, without the neck).
 
 Matting: a model trained on matted heads (`expects_matted`, the official one) gets each crop composited on
@@ -217,49 +217,3 @@ def crop_matte(matte: np.ndarray, crop: CropBox, size: int) -> np.ndarray:
     grey = (np.clip(matte, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     out = crop_resize(np.repeat(grey[:, :, None], 3, axis=2), crop, size, fill=(0, 0, 0))
     return np.ascontiguousarray(out[:, :, 0])
-
-
-class HeadBox:
-    """The tracked head's box in the frame: the vertices of the FLAME fit above the chin (the neck left out),
-    posed with the frame's fit and projected with its camera. What the official pipeline's head detector boxes.
-
-    head: an `engine.head.HeadModel` (the head the tracker fits).
-    """
-
-    def __init__(self, head) -> None:
-        import torch
-
-        self.head = head
-        template = head.template.detach()
-        with torch.no_grad():
-            chin_y = float(head.landmark_vertices(template[None])[0, CHIN_LANDMARK, 1])
-        self.vertices = torch.nonzero(template[:, 1] >= chin_y).squeeze(1)
-
-    def __call__(self, frame: TrackedFrame) -> np.ndarray:
-        import torch
-
-        from engine.types import FlameParams
-
-        if frame.flame is None:
-            return frame.box
-        fit = frame.flame
-
-        def row(values, width: int | None = None) -> torch.Tensor:
-            v = torch.as_tensor(np.asarray(values, np.float32)).reshape(1, -1)
-            return v if width is None else torch.nn.functional.pad(v[:, :width], (0, width - v[:, :width].shape[1]))
-
-        params = FlameParams(shape=row(fit.shape, self.head.n_shape), expression=row(fit.expression,
-                                                                                      self.head.n_expression),
-                             rotation=row(fit.rotation), neck=row(fit.neck), jaw=row(fit.jaw), eyes=row(fit.eyes),
-                             translation=row(fit.translation))
-        with torch.no_grad():
-            world = self.head(params).vertices[0, self.vertices].double().numpy()
-        view = np.asarray(frame.viewmat, np.float64)
-        cam = world @ view[:3, :3].T + view[:3, 3]
-        uv = (cam[:, :2] / np.maximum(cam[:, 2:3], 1e-6)) @ np.asarray(frame.K, np.float64)[:2, :2].T \
-            + np.asarray(frame.K, np.float64)[:2, 2]
-        return np.array([*uv.min(axis=0), *uv.max(axis=0)], np.float32)
-
-
-#: iBUG index of the chin tip
-CHIN_LANDMARK = 8

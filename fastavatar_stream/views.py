@@ -68,3 +68,36 @@ def head_masks(model: AvatarModel, frames: RefineFrames, radius: float = 0.008) 
     out = render(world["means"], world["quats"], world["scales"], world["opacities"], world["colors"],
                  frames.cameras.viewmats, frames.cameras.Ks, frames.cameras.width, frames.cameras.height)
     return (out["alpha"] > 0.5).float()
+
+
+#: iBUG index of the chin tip
+CHIN_LANDMARK = 8
+
+
+class HeadBox:
+    """The tracked head's box in the frame: the vertices of the FLAME fit above the chin (the neck left out),
+    posed with the frame's fit and projected with its camera. What the official pipeline's head detector boxes;
+    `prepare.FramePreparer(head_box=...)` frames the official model's crops on it.
+
+    head: an `engine.head.HeadModel` (the head the tracker fits).
+    """
+
+    def __init__(self, head) -> None:
+        self.head = head
+        template = head.template.detach()
+        with torch.no_grad():
+            chin_y = float(head.landmark_vertices(template[None])[0, CHIN_LANDMARK, 1])
+        self.vertices = torch.nonzero(template[:, 1] >= chin_y).squeeze(1)
+
+    def __call__(self, frame: TrackedFrame) -> np.ndarray:
+        """(4,) x0, y0, x1, y1 in frame pixels (the tracker's landmark box when the frame has no fit)."""
+        if frame.flame is None:
+            return frame.box
+        params = flame_params([frame.flame], self.head.n_shape, self.head.n_expression)
+        with torch.no_grad():
+            world = self.head(params).vertices[0, self.vertices].double().numpy()
+        view = np.asarray(frame.viewmat, np.float64)
+        K = np.asarray(frame.K, np.float64)
+        cam = world @ view[:3, :3].T + view[:3, 3]
+        uv = (cam[:, :2] / np.maximum(cam[:, 2:3], 1e-6)) @ K[:2, :2].T + K[:2, 2]
+        return np.array([*uv.min(axis=0), *uv.max(axis=0)], np.float32)

@@ -141,9 +141,9 @@ def test_the_official_model_tracks_the_users_flame_and_frames_the_head(release) 
 
 def _frame_facing_the_camera(head):
     from fastavatar_stream.frames import FlameFit, TrackedFrame
-    from fastavatar_stream.tracking import PinholeCamera, intrinsics_from_fov
+    from fastavatar_stream.tracking import PinholeCamera, intrinsics_from_larger_side_fov
 
-    camera = PinholeCamera(intrinsics_from_fov(40.0, 512, 512))
+    camera = PinholeCamera(intrinsics_from_larger_side_fov(40.0, 512, 512))
     fit = FlameFit(shape=np.zeros(300, np.float32), expression=np.zeros(100, np.float32),
                    rotation=np.zeros(3, np.float32), neck=np.zeros(3, np.float32), jaw=np.zeros(3, np.float32),
                    eyes=np.zeros(6, np.float32), translation=np.array([0.0, 0.0, -0.6], np.float32))
@@ -155,7 +155,7 @@ def _frame_facing_the_camera(head):
 def test_head_box_holds_the_face_and_forehead_but_not_the_neck(release) -> None:
     from engine.head import load_head
     from engine.types import FlameParams
-    from fastavatar_stream.prepare import HeadBox
+    from fastavatar_stream.views import HeadBox
 
     rel = find_release(release)
     head = load_head(rel.flame, rel.landmarks)
