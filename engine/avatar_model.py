@@ -6,6 +6,7 @@ store it in their metadata as `point_index`; a fresh model picks it by farthest-
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,18 @@ class AvatarModel:
             log.info("%s holds the official release's files: loading them as official weights", text)
             return cls.from_release(text, device=device)
         return cls.load(text, device=device)
+
+    def posing_on(self, device: torch.device | str) -> tuple[object, object]:
+        """(prompts, head) whose tensors live on `device`, for work there (refinement on the GPU renders with
+        gsplat); the model's own stay where they are (publishing poses avatars on the CPU)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.prompts, self.head
+        head = self.head
+        if hasattr(head, "flame"):  # a HeadModel: its smplx buffers move; the official rig moves its own per call
+            head = copy.copy(head)
+            head.flame = copy.deepcopy(self.head.flame).to(device)
+        return self.prompts.to(device), head
 
     def canonical_points(self, shape: torch.Tensor | None) -> torch.Tensor:
         """(P,3) canonical prompt positions for identity `shape` (S',) (zero-padded/truncated to the head's)."""

@@ -37,6 +37,11 @@ class RefineFrames:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def to(self, device: torch.device | str) -> "RefineFrames":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return RefineFrames(self.images.to(device), self.cameras.to(device), self.params.to(device),
+                            move(self.masks), self.background.to(device))
+
 
 @dataclass
 class RefineConfig:

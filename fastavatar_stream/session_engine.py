@@ -139,17 +139,19 @@ class SessionEngine:
                stop: Callable[[], bool] | None = None) -> AvatarState:
         """Optimise the avatar against the session's kept frames for about `job.seconds` (ending early when `stop()`
         turns true) and install the result as the next version (the refiner's stats in its `stats`)."""
+        device = model.device  # refinement runs where the model runs (gsplat on CUDA); the avatar stays on the CPU
         if job.samples is not None and job.key != self.targets_key:
             with timer.time("refine_setup"):
-                self._targets = (job.key, refine_frames(job.samples, model))
+                self._targets = (job.key, refine_frames(job.samples, model).to(device))
         if self._targets is None or self._targets[0] != job.key:
             raise RuntimeError(f"session {job.session}: the refinement frames {job.key} were never sent here")
         with torch.enable_grad():
             if job.restart or self._refiner is None:
-                self._refiner = RefineSession(self.fuser.avatar, model.prompts, model.head, self.refine_config)
+                prompts, head = model.posing_on(device)
+                self._refiner = RefineSession(self.fuser.avatar.to(device), prompts, head, self.refine_config)
             with timer.time("refine"):
                 stats = self._refiner.step(self._targets[1], seconds=job.seconds, stop=stop)
-        return self.fuser.replace(self._refiner.gaussians(), {"refine": stats})
+        return self.fuser.replace(self._refiner.gaussians().to("cpu"), {"refine": stats})
 
 
 def refine_job(session: Session, seconds: float, known_key: tuple[int, ...] | None) -> RefineJob:

@@ -223,3 +223,14 @@ def test_replay_with_official_weights_writes_avatar_report_and_preview(replayed)
     assert len(arrays["means"]) == report["n_gaussians_final"]
     assert np.isfinite(arrays["means"]).all()
     assert Image.open(replayed / "preview.png").size == (8 * 256, 2 * 256)
+
+
+@pytest.mark.gpu
+def test_replay_with_official_weights_on_cuda(release, real_clip, tmp_path) -> None:
+    out = tmp_path / "cuda"
+    done = subprocess.run(CLI + ["replay", str(real_clip), "--weights", f"official:{release}", "--out", str(out),
+                                 "--device", "cuda", "--max-frames", "16", "--refine", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_gaussians_final"] > 0 and report["stages"].get("refine", {}).get("n", 0) > 0
