@@ -219,6 +219,12 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def shape_summary(want: dict[str, tuple[int, ...]], show: int = 3) -> str:
+    """"N tensors, e.g. name [shape], ..." (the biggest ones; `check-weights --list-tensors` prints them all)."""
+    biggest = sorted(want.items(), key=lambda kv: -torch.Size(kv[1]).numel())[:show]
+    return f"{len(want)} tensors, e.g. " + ", ".join(f"{k} {list(v)}" for k, v in biggest)
+
+
 def _compare(file: str, have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> list[str]:
     problems = [f"{file}: missing tensor {k} {list(s)}" for k, s in want.items() if k not in have]
     problems += [f"{file}: tensor {k} has shape {list(have[k])}, expected {list(s)}" for k, s in want.items()
@@ -240,8 +246,9 @@ def check_release(root: str | Path) -> ReleaseCheck:
     has_dino, has_geometry = False, False
 
     if release.network is None:
-        rows.append(CheckRow("network", NETWORK_FILE, "missing", f"{len(expected) - len(dino_want)} tensors "
-                                                                  f"expected; get it from {WHERE_TO_GET['network']}"))
+        network_want = {k: v for k, v in expected.items() if not k.startswith("encoder.model.")}
+        rows.append(CheckRow("network", NETWORK_FILE, "missing", f"{shape_summary(network_want)}; get it from "
+                                                                  f"{WHERE_TO_GET['network']}"))
     else:
         try:
             have = {strip_wrappers(k): s for k, s in _tensor_shapes(release.network).items()}
@@ -253,21 +260,21 @@ def check_release(root: str | Path) -> ReleaseCheck:
                 problems = [f"{rel(release.network)} holds no official FastAvatar tensors (pcl_embed.*, renderer.*, "
                             "...): it is not the release's model file"]
             rows.append(CheckRow("network", rel(release.network), "wrong" if problems else "found",
-                                 f"{len(want)} network tensors ({config.name} sizes)", problems))
+                                 f"{config.name} sizes: {shape_summary(want)}", problems))
         except InputError as exc:
             rows.append(CheckRow("network", rel(release.network), "unreadable", str(exc), [str(exc)]))
 
     if has_dino:
         rows.append(CheckRow("dinov2", DINOV2_FILE, "not needed", "model.safetensors holds encoder.model.*"))
     elif release.dinov2 is None:
-        rows.append(CheckRow("dinov2", DINOV2_FILE, "missing", f"{len(dino_want)} tensors expected; get it from "
+        rows.append(CheckRow("dinov2", DINOV2_FILE, "missing", f"{shape_summary(dino_want)}; get it from "
                                                                f"{WHERE_TO_GET['dinov2']}"))
     else:
         try:
             have = {strip_wrappers(k): s for k, s in _tensor_shapes(release.dinov2).items() if k != "mask_token"}
             problems = _compare(rel(release.dinov2), have, dino_want)
             rows.append(CheckRow("dinov2", rel(release.dinov2), "wrong" if problems else "found",
-                                 f"{len(dino_want)} DINOv2 tensors", problems))
+                                 shape_summary(dino_want), problems))
         except InputError as exc:
             rows.append(CheckRow("dinov2", rel(release.dinov2), "unreadable", str(exc), [str(exc)]))
 
