@@ -172,6 +172,7 @@ class AvatarModel:
                                   config=config, device=device, n_points=config.n_points)
         model.tracking_head = load_head(release.flame, release.landmarks)
         model.metadata["release"] = str(root)
+        log.info("tracking fits %s with the landmarks of %s", release.flame, release.landmarks)
         return model
 
     @classmethod

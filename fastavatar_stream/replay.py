@@ -131,8 +131,8 @@ def input_preparation(model, session: Session) -> dict:
     matte = ("not used (the model takes unmatted crops)" if not model.expects_matted else
              f"tracker matte on {preparer.mattes_used} of {session.frames_tracked} frames" if preparer.mattes_used
              else "none available: crops keep their own background")
-    return {"framing": model.framing, "crop_scale": preparer.scale, "size": preparer.size, "matte": matte,
-            "fusion": session.options.fusion}
+    return {"tracking_head": getattr(model.landmark_head, "source", "unknown"), "framing": model.framing,
+            "crop_scale": preparer.scale, "size": preparer.size, "matte": matte, "fusion": session.options.fusion}
 
 
 def window_log(session: Session) -> dict:

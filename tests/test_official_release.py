@@ -218,6 +218,7 @@ def test_replay_with_official_weights_writes_avatar_report_and_preview(replayed)
     assert report["extra"]["model"] == "micro" and report["extra"]["weights"].startswith("official:")
     prep = report["extra"]["input"]
     assert prep["framing"] == "head" and prep["crop_scale"] == 1.65 and prep["fusion"] == "concat"
+    assert prep["tracking_head"].endswith("flame2023.pkl")  # the tracker fitted the release's FLAME
     assert prep["matte"].startswith(("tracker matte on", "none available"))
     arrays = load_ply(replayed / "avatar.ply")
     assert len(arrays["means"]) == report["n_gaussians_final"]
