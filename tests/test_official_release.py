@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoints import default_checkpoint_dir
 from engine.official_release import check_release, expected_network_tensors, find_release, is_official_release
 from engine.testing import make_official_release
 from fastavatar_stream.cli import main
@@ -137,6 +138,24 @@ def test_the_official_model_tracks_the_users_flame_and_frames_the_head(release) 
     assert (model.framing, model.crop_scale, model.expects_matted, model.default_fusion) == ("head", 1.65, True,
                                                                                             "concat")
     assert len(model.prompts) == model.network.cfg.n_points == 64
+    assert not is_official_release(default_checkpoint_dir())  # our own checkpoint is not mistaken for a release
+
+
+def test_official_windows_fuse_by_concat_or_by_visibility(release) -> None:
+    from engine.avatar_model import AvatarModel
+    from engine.reconstruct import Views
+    from engine.types import FlameParams, orbit_cameras
+
+    model = AvatarModel.from_spec(f"official:{release}")
+    size, n = model.input_size, 3
+    params = FlameParams.zeros(n, 300, 100)
+    views = Views(torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)),
+                  orbit_cameras(n, radius=0.6, fov_x_degrees=30, width=size, height_px=size), params)
+    concat = model.window_gaussians(views, [0, 1, 2], fusion=model.default_fusion)
+    weighted = model.window_gaussians(views, [0, 1, 2], fusion="visibility")
+    assert [len(s) for s in concat] == [64] * (n + 1) and all(s.seen is None for s in concat)
+    assert all(s.seen is not None for s in weighted)   # posed with the official rig, seen by the crop cameras
+    torch.testing.assert_close(concat[0].color, weighted[0].color)  # the network itself is the same
 
 
 def _frame_facing_the_camera(head):
