@@ -184,8 +184,8 @@ class AvatarModel:
         if weights is None:
             return cls.load(None, device=device)
         text = str(weights)
-        if text.startswith(OFFICIAL_PREFIX):
-            return cls.from_release(text[len(OFFICIAL_PREFIX):], device=device)
+        if text.startswith(OFFICIAL_PREFIX):  # the shell does not expand ~ after the prefix
+            return cls.from_release(Path(text[len(OFFICIAL_PREFIX):]).expanduser(), device=device)
         if is_official_release(Path(text)):
             log.info("%s holds the official release's files: loading them as official weights", text)
             return cls.from_release(text, device=device)
@@ -197,10 +197,13 @@ class AvatarModel:
         device = torch.device(device)
         if device.type == "cpu":
             return self.prompts, self.head
-        head = self.head
-        if hasattr(head, "flame"):  # a HeadModel: its smplx buffers move; the official rig moves its own per call
-            head = copy.copy(head)
+        head = copy.copy(self.head)
+        if hasattr(head, "flame"):  # a HeadModel: its smplx module's buffers
             head.flame = copy.deepcopy(self.head.flame).to(device)
+        else:                       # the official rig: plain tensors
+            for name, value in vars(self.head).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(head, name, value.to(device))
         return self.prompts.to(device), head
 
     def canonical_points(self, shape: torch.Tensor | None) -> torch.Tensor:
