@@ -10,6 +10,7 @@
    FlopCounterMode / the card's dense bf16 peak, `--peak-tflops`). Targets: 16 frames <= 1.0 s, 1 frame <= 0.15 s.
 3. Batched throughput: 1, 2 and 4 sessions' 16-frame windows in one forward (windows per second), and the
    largest difference between a batched session's Gaussians and its own unbatched run.
+4. Whether every attention call of the network runs on the flash kernel alone (bf16, head dim 64).
 
 On a machine without CUDA it exits 2 with one line. `--dry-run-cpu` runs every step at toy sizes on the CPU
 (the PyTorch reference renderer in gsplat's place, the `micro` network) so the script itself can be tested
@@ -132,6 +133,21 @@ def window_times(model, device: str, repeats: int, sync, peak_tflops: float) -> 
     return rows
 
 
+def flash_eligible(model, device: str) -> dict:
+    """Whether every attention call of a 1-frame window runs with the flash kernel alone (it raises otherwise)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = model.cfg
+    images = torch.rand(1, 1, 3, cfg.image_size, cfg.image_size, device=device)
+    points = torch.randn(cfg.n_points, 3, device=device) * 0.08
+    try:
+        with torch.inference_mode(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            model(images, points)
+    except RuntimeError as exc:
+        return {"flash_only": False, "error": str(exc).splitlines()[0]}
+    return {"flash_only": True}
+
+
 def batched_throughput(model, device: str, repeats: int, sync) -> list[dict]:
     """B sessions' 16-frame windows (each with its own points) in one forward; windows per second, and the
     largest difference of one batch item's output from its own unbatched forward."""
@@ -194,6 +210,9 @@ def main() -> int:
     print(f"render: {speed[0]} Gaussians at {speed[1]}^2: {result['render_speed']['fps']:.0f} FPS", flush=True)
     torch.manual_seed(0)
     model = build_model(config, device=device).eval()
+    if device == "cuda":
+        result["attention"] = flash_eligible(model, device)
+        print(f"attention runs flash-only: {result['attention']['flash_only']}", flush=True)
     result["windows"] = window_times(model, device, args.repeats, sync, args.peak_tflops)
     result["batched"] = batched_throughput(model, device, args.repeats, sync)
     by_case = {(r["frames"], r["pool"]): r["s_median"] for r in result["windows"]}
