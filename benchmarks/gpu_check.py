@@ -127,8 +127,8 @@ def window_times(model, device: str, repeats: int, sync, peak_tflops: float) -> 
                "tflop": tflop, "floor_s": tflop / peak_tflops, "tflops_achieved": tflop / median}
         if device.startswith("cuda"):
             row["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        print(f"window {frames:2d} frames + pool {pool:2d}: {median * 1e3:8.1f} ms (floor {row['floor_s'] * 1e3:.0f} ms,"
-              f" {row['tflops_achieved']:.0f} TFLOP/s)", flush=True)
+        print(f"window {frames:2d} frames + pool {pool:2d}: {median * 1e3:8.1f} ms "
+              f"(floor {row['floor_s'] * 1e3:.0f} ms, {row['tflops_achieved']:.0f} TFLOP/s)", flush=True)
         rows.append(row)
     return rows
 
