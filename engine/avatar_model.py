@@ -172,6 +172,8 @@ class AvatarModel:
                                   config=config, device=device, n_points=config.n_points)
         model.tracking_head = load_head(release.flame, release.landmarks)
         model.metadata["release"] = str(root)
+        if release.mediapipe_landmarks is not None:  # for a dense-mesh (MediaPipe) tracker on the user's FLAME
+            model.metadata["mediapipe_landmarks"] = str(release.mediapipe_landmarks)
         log.info("tracking fits %s with the landmarks of %s", release.flame, release.landmarks)
         return model
 

@@ -11,6 +11,8 @@ Face hub folder or one flat folder):
 | oral      | oral_jawopen0p5.obj                   | when model.safetensors lacks the geometry buffers       |
 | landmarks | landmark_embedding_with_eyes.npy      | always: the tracker's 68 points on FLAME (or DECA's      |
 |           |                                       | landmark_embedding.npy)                                 |
+| mediapipe | mediapipe_landmark_embedding.npz      | optional: FLAME's MediaPipe landmark embedding (FLAME    |
+|           |                                       | website), for a dense-mesh tracker on the user's FLAME  |
 | config    | fastavatar_config.json                | never: only our small test releases have one; a real    |
 |           |                                       | release is the `official` config                        |
 
@@ -36,6 +38,7 @@ DINOV2_FILE = "dinov2_vitl14_reg4_pretrain.pth"
 FLAME_FILE = "flame2023.pkl"
 ORAL_FILE = "oral_jawopen0p5.obj"
 LANDMARK_FILES = ("landmark_embedding_with_eyes.npy", "landmark_embedding.npy")
+MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 CONFIG_FILE = "fastavatar_config.json"
 #: the official key prefixes only the official network file uses (ours are point_embed., gs_head., ...)
 OFFICIAL_ONLY_PREFIXES = ("pcl_embed.", "renderer.", "framepack_compressor.", "encoder.model.", "encoder.fusion_head.")
@@ -45,6 +48,7 @@ WHERE_TO_GET = {
     "flame": "https://flame.is.tue.mpg.de (free registration, 'FLAME 2023'; non-commercial licence)",
     "oral": "Hugging Face TyrionWuY/FastAvatar-assets (human_parametric_models/flame_assets/flame/)",
     "landmarks": "Hugging Face TyrionWuY/FastAvatar-assets (flame_assets/flame/landmark_embedding_with_eyes.npy)",
+    "mediapipe": "https://flame.is.tue.mpg.de (FLAME's MediaPipe landmark embedding; optional)",
 }
 _MAX_DEPTH = 8
 
@@ -59,6 +63,7 @@ class OfficialRelease:
     flame: Path | None = None
     oral_mesh: Path | None = None
     landmarks: Path | None = None
+    mediapipe_landmarks: Path | None = None
     config_file: Path | None = None
 
     def config(self) -> ModelConfig:
@@ -73,7 +78,8 @@ class OfficialRelease:
 
 @dataclass
 class CheckRow:
-    """One file of a release check. status: found | missing | unreadable | wrong | not needed."""
+    """One file of a release check. status: found | missing | unreadable | wrong | not needed | optional (an
+    optional file that is not there)."""
 
     role: str
     file: str
@@ -89,7 +95,7 @@ class ReleaseCheck:
 
     @property
     def complete(self) -> bool:
-        return all(r.status in ("found", "not needed") for r in self.rows)
+        return all(r.status in ("found", "not needed", "optional") for r in self.rows)
 
     def problems(self) -> list[str]:
         """One phrase per problem, naming the file or tensor."""
@@ -137,7 +143,8 @@ def find_release(root: str | Path) -> OfficialRelease:
         else _one(found, (CONFIG_FILE,), root)
     return OfficialRelease(root=root, network=network, dinov2=_one(found, (DINOV2_FILE,), root),
                            flame=_one(found, (FLAME_FILE,), root), oral_mesh=_one(found, (ORAL_FILE,), root),
-                           landmarks=_one(found, LANDMARK_FILES, root), config_file=config)
+                           landmarks=_one(found, LANDMARK_FILES, root),
+                           mediapipe_landmarks=_one(found, (MEDIAPIPE_FILE,), root), config_file=config)
 
 
 def network_keys(path: Path) -> list[str]:
@@ -287,6 +294,11 @@ def check_release(root: str | Path) -> ReleaseCheck:
                                "321 vertices, 608 triangles"))
     rows.append(_asset_row("landmarks", LANDMARK_FILES[0], release.landmarks, release, _check_landmarks,
                            "68 iBUG points on FLAME's faces (+2 eye points)"))
+    if release.mediapipe_landmarks is None:
+        rows.append(CheckRow("mediapipe", MEDIAPIPE_FILE, "optional", f"not there; {WHERE_TO_GET['mediapipe']}"))
+    else:
+        rows.append(_asset_row("mediapipe", MEDIAPIPE_FILE, release.mediapipe_landmarks, release, _check_mediapipe,
+                               "lmk_face_idx, lmk_b_coords, landmark_indices"))
     return ReleaseCheck(release, rows)
 
 
@@ -318,6 +330,21 @@ def _check_landmarks(path: Path) -> None:
     faces, bary = read_landmarks(path)
     if faces.shape != (68,) or bary.shape != (68, 3):
         raise InputError(f"{path} holds {faces.shape[0]} landmarks; the tracker needs FLAME's 68 iBUG points")
+
+
+def _check_mediapipe(path: Path) -> None:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            lengths = {len(data[k]) for k in ("lmk_face_idx", "lmk_b_coords", "landmark_indices") if k in keys}
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot read {path}: {exc}") from None
+    missing = {"lmk_face_idx", "lmk_b_coords", "landmark_indices"} - keys
+    if missing or len(lengths) != 1:
+        raise InputError(f"{path} is not FLAME's MediaPipe embedding (needs lmk_face_idx, lmk_b_coords and "
+                         f"landmark_indices of one length; missing {sorted(missing)})")
 
 
 def require_complete(root: str | Path) -> OfficialRelease:

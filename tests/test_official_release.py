@@ -49,8 +49,21 @@ def test_the_fixture_is_a_complete_release_in_the_tree_and_in_a_flat_folder(rele
     for root in (release, flat):
         check = check_release(root)
         assert check.complete, check.problems()
-        assert [r.status for r in check.rows] == ["found"] * 5
+        assert [r.status for r in check.rows] == ["found"] * 5 + ["optional"]
         assert is_official_release(root)
+
+
+def test_the_optional_mediapipe_embedding_is_found_and_checked(release, tmp_path) -> None:
+    copy = copy_of(release, tmp_path)
+    folder = next(copy.rglob("flame2023.pkl")).parent
+    np.savez(folder / "mediapipe_landmark_embedding.npz", lmk_face_idx=np.arange(105),
+             lmk_b_coords=np.full((105, 3), 1 / 3), landmark_indices=np.arange(105))
+    check = check_release(copy)
+    assert check.complete and check.rows[-1].status == "found"
+    assert check.release.mediapipe_landmarks == folder / "mediapipe_landmark_embedding.npz"
+    np.savez(folder / "mediapipe_landmark_embedding.npz", lmk_face_idx=np.arange(105))
+    check = check_release(copy)
+    assert not check.complete and "mediapipe_landmark_embedding.npz" in check.problems()[0]
 
 
 def test_expected_network_shapes_are_the_manifests(shared_dir) -> None:
