@@ -22,6 +22,18 @@ def test_without_cuda_it_exits_2_with_one_line(tmp_path) -> None:
     assert not (tmp_path / "gpu" / "gpu.json").exists()
 
 
+def test_the_dry_run_on_the_cpu_goes_through_every_step(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--dry-run-cpu", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["device"].startswith("cpu (dry run")
+    assert result["render_agreement"]["psnr_db"] > 60  # the two CPU renderers agree to float precision
+    assert [(r["frames"], r["pool"]) for r in result["windows"]] == [(1, 0), (4, 0), (8, 0), (16, 0), (16, 64)]
+    assert [r["sessions"] for r in result["batched"]] == [1, 2, 4]
+    assert all(r["max_abs_xyz_diff_vs_unbatched"] < 1e-5 for r in result["batched"])
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_gsplat_agrees_with_the_cpu_renderer_and_batching_changes_nothing(tmp_path) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--repeats", "2"],
