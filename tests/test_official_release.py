@@ -100,6 +100,17 @@ def test_a_missing_file_exits_2_naming_it(release, tmp_path, capsys, real_clip) 
     assert "missing flame2023.pkl" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("name", ["flame2023.pkl", "oral_jawopen0p5.obj", "landmark_embedding_with_eyes.npy",
+                                  "dinov2_vitl14_reg4_pretrain.pth"])
+def test_check_weights_names_any_truncated_file(release, tmp_path, capsys, name) -> None:
+    broken = copy_of(release, tmp_path)
+    path = next(broken.rglob(name))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert main(["check-weights", str(broken)]) == 2
+    assert name in _one_error_line(capsys)
+
+
 def test_a_truncated_file_exits_2_naming_it(release, tmp_path, capsys, real_clip) -> None:
     broken = copy_of(release, tmp_path)
     network = next(broken.rglob("model.safetensors"))
