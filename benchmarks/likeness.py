@@ -116,7 +116,7 @@ def verdicts(runs: list[dict]) -> dict:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", nargs="+", type=Path, default=DEFAULT_CLIPS, help="clips (default: both real clips)")
-    ap.add_argument("--weights", help="checkpoint folder (default: the embedded default checkpoint)")
+    ap.add_argument("--weights", help="checkpoint folder or official:DIR (default: the embedded default checkpoint)")
     ap.add_argument("--budgets", nargs="+", type=float, default=[0, 10, 30, 60],
                     help="refinement budgets in seconds; 0 = feed-forward only (default 0 10 30 60)")
     ap.add_argument("--holdout", type=int, default=8, metavar="K", help="hold out every K-th frame (default 8)")

@@ -286,7 +286,7 @@ def table(results: dict) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--video", type=Path, default=DEFAULT_VIDEO, help=f"clip to replay (default {DEFAULT_VIDEO})")
-    ap.add_argument("--weights", help="checkpoint folder (default: the embedded default checkpoint)")
+    ap.add_argument("--weights", help="checkpoint folder or official:DIR (default: the embedded default checkpoint)")
     ap.add_argument("--modes", nargs="+", choices=["fast", "realtime", "soak"], default=None,
                     help="modes to run (default: fast realtime, plus soak with --soak)")
     ap.add_argument("--realtime", action="store_true", help="shorthand for --modes realtime")
