@@ -10,6 +10,7 @@ on the loop in the session's `AvatarBuffer`, published on ZeroMQ (deltas) and ha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import logging
@@ -144,8 +145,8 @@ class Daemon:
         if len([s for s in self.sessions.values() if s.state == "running"]) >= self.config.max_sessions:
             raise InputError(f"the daemon already runs {self.config.max_sessions} sessions; stop one first")
         options = options or SessionOptions(**vars(self.config.session_defaults))
-        if options.fusion is None:
-            options.fusion = self.model.default_fusion
+        if options.fusion is None:  # the model's own rule (the caller's options object stays as it was)
+            options = dataclasses.replace(options, fusion=self.model.default_fusion)
         if getattr(source, "live", False):
             options.live = True
         session_id = f"s{next(self._ids)}"
