@@ -320,9 +320,13 @@ class Daemon:
         if cmd == "list":
             return {"sessions": [s.stats() for s in self.sessions.values()]}
         if cmd == "status":
-            return {"sessions": len(self.sessions), "running": sum(s.state == "running" for s in self.sessions.values()),
+            running = sum(s.state == "running" for s in self.sessions.values())
+            batches = getattr(self.worker, "batch_sizes", {})  # the in-process worker counts its batched forwards
+            return {"sessions": len(self.sessions), "running": running,
                     "windows": self.worker.windows_done if self.worker else 0,
-                    "migrations": sum(s.report.migrations for s in self.sessions.values())}
+                    "migrations": sum(s.report.migrations for s in self.sessions.values()),
+                    # windows per forward -> how many forwards (several sessions batched on one device)
+                    "batches": {str(k): v for k, v in sorted(batches.items())}}
         if cmd == "start":
             from fastavatar_stream.sources import open_source
 
