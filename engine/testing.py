@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from engine.official_geometry import FLAME_VERTICES, LIP_RING_LOWER, LIP_RING_UPPER, ORAL_FACES, ORAL_VERTICES
-
-RELEASE_CONFIG_FILE = "fastavatar_config.json"
+from engine.official_release import CONFIG_FILE as RELEASE_CONFIG_FILE
 #: where each file goes in the release's own folder tree (SPEC.md §8/§9); the flat layout puts all in one folder
 TREE_LAYOUT = {
     "model.safetensors": "model_zoo/fastavatar",
@@ -50,8 +49,9 @@ def make_official_release(directory: str | Path, config: str = "micro", *, layou
         raise ValueError(f"layout must be 'tree' or 'flat', got {layout!r}")
     root = Path(directory)
     cfg = get_config(config).replace(point_guidance=False, guidance=False)
-    torch.manual_seed(seed)
-    state = build_model(cfg).state_dict()
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        state = build_model(cfg).state_dict()
     network = {ours_to_official(k): v.contiguous() for k, v in state.items()
                if not k.startswith("encoder.backbone.")}
     dinov2 = {k[len("encoder.backbone."):]: v.clone() for k, v in state.items() if k.startswith("encoder.backbone.")}
