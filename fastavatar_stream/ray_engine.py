@@ -74,7 +74,7 @@ class EngineActor:
             torch.set_num_threads(threads)
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.weights = str(weights) if weights else "default"
-        self.model = AvatarModel.load(weights, device=self.device)
+        self.model = AvatarModel.from_spec(weights, device=self.device)
         self.refine_config = refine
         warm_up_renderer(refine.backend)
         self._engines: dict[str, SessionEngine] = {}
