@@ -170,10 +170,9 @@ class AvatarModel:
         config = release.config()
         model = cls.from_official(release.network, release.dinov2, release.flame, release.oral_mesh,
                                   config=config, device=device, n_points=config.n_points)
-        model.tracking_head = load_head(release.flame, release.landmarks)
+        # FLAME's MediaPipe embedding, when the release has one, lets the dense-mesh tracker fit the user's FLAME
+        model.tracking_head = load_head(release.flame, release.landmarks, mediapipe_path=release.mediapipe_landmarks)
         model.metadata["release"] = str(root)
-        if release.mediapipe_landmarks is not None:  # for a dense-mesh (MediaPipe) tracker on the user's FLAME
-            model.metadata["mediapipe_landmarks"] = str(release.mediapipe_landmarks)
         log.info("tracking fits %s with the landmarks of %s", release.flame, release.landmarks)
         return model
 
