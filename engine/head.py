@@ -164,6 +164,20 @@ class HeadModel:
         _, transforms = batch_rigid_transform(rot, joints, f.parents, dtype=v_shaped.dtype)
         return transforms
 
+    def joint_basis(self, shape: torch.Tensor, n_expression: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `joint_transforms` needs besides the pose, linear in the expression: rest joints for identity
+        `shape` (S',) at zero expression (J,3), rest-joint offsets per expression coefficient (J,3,n_expression)
+        (zero past the head's own coefficients) and the parents (J,) (parents[0] = -1)."""
+        f = self.flame
+        beta = torch.zeros(self.n_shape, dtype=f.v_template.dtype)
+        width = min(shape.numel(), self.n_shape)
+        beta[:width] = shape.reshape(-1)[:width].to(beta.dtype)
+        v_shaped = f.v_template + torch.einsum("l,vdl->vd", beta, f.shapedirs)
+        joint_expression = torch.zeros(f.J_regressor.shape[0], 3, n_expression, dtype=v_shaped.dtype)
+        width = min(n_expression, self.n_expression)
+        joint_expression[..., :width] = torch.einsum("jv,vdl->jdl", f.J_regressor, f.expr_dirs[..., :width])
+        return f.J_regressor @ v_shaped, joint_expression, f.parents.clone()
+
     def _at_landmarks(self, per_vertex: torch.Tensor, face_idx: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
         tri = per_vertex[self.flame.faces_tensor[face_idx]]  # (N,3,...)
         return torch.einsum("lk,lk...->l...", bary.to(per_vertex.dtype), tri)

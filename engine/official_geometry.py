@@ -354,6 +354,19 @@ class OfficialRig:
         return cls(geometry["v_template"], geometry["shapedirs"], geometry["J_regressor"], geometry["parents"],
                    n_shape)
 
+    def joint_basis(self, shape: torch.Tensor, n_expression: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rest joints for identity `shape` (S',) at zero expression (J,3), rest-joint offsets per expression
+        coefficient (J,3,n_expression) (zero past the geometry's own) and the parents (J,): see HeadModel."""
+        beta = torch.zeros(self.n_shape)
+        width = min(shape.numel(), self.n_shape)
+        beta[:width] = shape.reshape(-1)[:width].float()
+        v_shaped = self.v_template + torch.einsum("l,vdl->vd", beta, self.shapedirs[..., : self.n_shape])
+        joint_expression = torch.zeros(self.J_regressor.shape[0], 3, n_expression)
+        used = min(n_expression, self.n_expression)
+        joint_expression[..., :used] = torch.einsum("jv,vdl->jdl", self.J_regressor,
+                                                    self.shapedirs[..., self.n_shape:self.n_shape + used])
+        return self.J_regressor @ v_shaped, joint_expression, self.parents.clone()
+
     def joint_transforms(self, params: FlameParams) -> torch.Tensor:
         """(B,5,4,4) relative transforms: posed point = sum_j w[p,j] A[j] (rest point) (+ translation, by caller)."""
         from smplx.lbs import batch_rigid_transform, batch_rodrigues

@@ -43,6 +43,25 @@ Applying a snapshot and then every delta in order reproduces the publisher's slo
 bit (see `protocols.avatar_buffer`). ``seq`` numbers the messages of one session's stream: a
 snapshot carries the seq of the last delta already folded into it (the clone pattern: apply deltas
 with seq > snapshot seq whose base_version equals the version you hold).
+
+``rig`` (what a subscriber needs to pose avatar ``version`` itself; ``base_version`` is -1;
+``stats.shape_version`` names the identity shape baked in; see `protocols.animation` for posing):
+    M Gaussians, A anchors in use (point prompts they hang on), J = 5 FLAME joints, E expressions
+    ids                (M,)     uint32 or int64   the Gaussians' stable ids (the avatar's slot ids)
+    anchor             (M,)     uint32            index into the anchor arrays (< A)
+    offset             (M,3)    float32           canonical offset from the anchor, metres
+    rotation           (M,4)    float32           canonical rotation wxyz (in the anchor's frame)
+    scales             (M,3)    float32           linear scales
+    opacities          (M,)     float32           in [0, 1]
+    colors             (M,3)    float32           RGB in [0, 1]
+    anchor_point       (A,)     uint32            the point prompt each anchor is (for reference)
+    anchor_rest        (A,3)    float32           rest position with the identity shape applied
+    anchor_expression  (A,3,E)  float16/float32   displacement per expression coefficient
+    anchor_weights     (A,J)    float32           linear-blend-skinning weights (rows sum to 1)
+    joint_rest         (J,3)    float32           rest joints with the identity shape, zero expression
+    joint_expression   (J,3,E)  float32           rest-joint offset per expression coefficient
+    parents            (J,)     int32             kinematic tree: parents[0] = -1, parents[j] < j
+No pose correctives: the avatar's LBS has none (the embedded head and the official rig carry none).
 """
 from __future__ import annotations
 
@@ -56,7 +75,7 @@ import numpy as np
 from protocols.errors import ProtocolError
 
 WIRE_VERSION = 1
-MESSAGE_TYPES = ("snapshot", "delta")
+MESSAGE_TYPES = ("snapshot", "delta", "rig")
 HEADER_KEYS = frozenset(
     ("v", "type", "session", "version", "base_version", "seq", "t_capture", "t_publish", "arrays", "stats"))
 
@@ -277,9 +296,65 @@ def _check_fields(arrays: Mapping[str, np.ndarray], n: int, kind: str) -> None:
             raise ProtocolError(f"{kind}: extra field {name!r} must have leading dimension {n}, got {a.shape}")
 
 
-def check_schema(msg: Message) -> None:
-    """Type-specific structure: snapshot fields share N; delta ranges are sorted, disjoint and sized."""
+#: the rig's arrays: name -> (leading axis, trailing shape with "E"/"J" for the expression/joint counts, dtypes)
+RIG_FIELDS: dict[str, tuple[str, tuple, tuple[str, ...]]] = {
+    "ids": ("M", (), ID_DTYPES),
+    "anchor": ("M", (), ("uint32",)),
+    "offset": ("M", (3,), ("float32",)),
+    "rotation": ("M", (4,), ("float32",)),
+    "scales": ("M", (3,), ("float32",)),
+    "opacities": ("M", (), ("float32",)),
+    "colors": ("M", (3,), ("float32",)),
+    "anchor_point": ("A", (), ("uint32",)),
+    "anchor_rest": ("A", (3,), ("float32",)),
+    "anchor_expression": ("A", (3, "E"), ("float16", "float32")),
+    "anchor_weights": ("A", ("J",), ("float32",)),
+    "joint_rest": ("J", (3,), ("float32",)),
+    "joint_expression": ("J", (3, "E"), ("float32",)),
+    "parents": ("J", (), ("int32",)),
+}
+#: FLAME's joints: global, neck, jaw, left eye, right eye (the motion message carries one rotation each)
+RIG_JOINTS = 5
+MAX_EXPRESSION = 400
+
+
+def _check_rig(msg: Message) -> None:
     arrays = msg.arrays
+    if msg.base_version != -1:
+        raise ProtocolError("a rig has base_version -1")
+    if set(arrays) != set(RIG_FIELDS):
+        raise ProtocolError(f"rig arrays wrong: missing {sorted(set(RIG_FIELDS) - set(arrays))}, "
+                            f"unexpected {sorted(set(arrays) - set(RIG_FIELDS))}")
+    shape_version = msg.stats.get("shape_version")
+    if not isinstance(shape_version, int) or isinstance(shape_version, bool) or shape_version < 0:
+        raise ProtocolError(f"rig stats.shape_version must be an integer >= 0, got {shape_version!r}")
+    expr = arrays["anchor_expression"]
+    sizes = {"M": arrays["ids"].shape[0] if arrays["ids"].ndim else -1,
+             "A": arrays["anchor_rest"].shape[0] if arrays["anchor_rest"].ndim else -1,
+             "J": RIG_JOINTS, "E": expr.shape[-1] if expr.ndim == 3 else -1}
+    if not 0 <= sizes["E"] <= MAX_EXPRESSION:
+        raise ProtocolError(f"rig anchor_expression must be (A,3,E) with E <= {MAX_EXPRESSION}, got {expr.shape}")
+    for name, (lead, trailing, dtypes) in RIG_FIELDS.items():
+        a = arrays[name]
+        want = (sizes[lead], *(sizes[d] if isinstance(d, str) else d for d in trailing))
+        if _dtype_name(a.dtype) not in dtypes or a.shape != want:
+            raise ProtocolError(f"rig: {name!r} must be {'/'.join(dtypes)} {want}, got {a.dtype.name} {a.shape}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise ProtocolError(f"rig: {name!r} holds non-finite values")
+    if sizes["M"] and int(arrays["anchor"].max()) >= sizes["A"]:
+        raise ProtocolError(f"rig: an 'anchor' index is >= the {sizes['A']} anchors")
+    parents = arrays["parents"].astype(np.int64)
+    if parents[0] != -1 or np.any(parents[1:] < 0) or np.any(parents[1:] >= np.arange(1, RIG_JOINTS)):
+        raise ProtocolError(f"rig: parents must be -1 then earlier joints, got {parents.tolist()}")
+
+
+def check_schema(msg: Message) -> None:
+    """Type-specific structure: snapshot fields share N; delta ranges are sorted, disjoint and sized; rig arrays
+    agree on M, A, J and E and index within range."""
+    arrays = msg.arrays
+    if msg.type == "rig":
+        _check_rig(msg)
+        return
     if msg.type == "snapshot":
         if msg.base_version != -1:
             raise ProtocolError("a snapshot has base_version -1")
