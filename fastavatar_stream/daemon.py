@@ -6,6 +6,7 @@ this process, or (`DaemonConfig.ray`) Ray actors on this machine or a cluster (`
 `EngineBackend`. Every new avatar version is converted to world-space arrays on the worker's thread, then installed
 on the loop in the session's `AvatarBuffer`, published on ZeroMQ (deltas) and handed to in-process subscribers
 (WebRTC peers).
+Live animation (`fastavatar_stream.animation`): every version also leaves as a rig, every tracked frame as a motion.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from engine.avatar_model import AvatarModel
 from engine.errors import InputError
 from engine.fusion import AvatarState
 from engine.refine import RefineConfig
+from fastavatar_stream.animation import Animator
 from fastavatar_stream.session import Session, SessionOptions
 from fastavatar_stream.session_engine import EngineBackend
 from fastavatar_stream.worker import EngineWorker
@@ -43,9 +45,10 @@ class DaemonConfig:
     `AvatarModel.from_spec`). device: where the model runs ("cpu", "cuda", "cuda:N"). publish/control: ZeroMQ
     endpoints (None: off). max_sessions: concurrent sessions. max_batch: most windows of different sessions in one
     forward (None: 4 on CUDA, where batching raises throughput, 1 on the CPU, where it does not). snapshot_dir:
-    final avatars are written there as PLY (None: off). ray: run the engine on Ray actors ("local", "auto" or a
-    cluster address; None: one thread in this process); engine_actors: how many (None: one per GPU of the
-    cluster)."""
+    final avatars are written there as PLY and as drivable avatar npz (None: off). ray: run the engine on Ray
+    actors ("local", "auto" or a cluster address; None: one thread in this process); engine_actors: how many (None:
+    one per GPU of the cluster). rig_expression_dtype: float32 (posing equals the engine's within 1e-5) or float16 (half the rig's
+    expression basis; about 1e-5 m off)."""
 
     weights: str | None = None
     device: str = "cpu"
@@ -59,6 +62,7 @@ class DaemonConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     ray: str | None = None
     engine_actors: int | None = None
+    rig_expression_dtype: str = "float32"
 
 
 class Daemon:
@@ -81,6 +85,7 @@ class Daemon:
         self._track_pool = ThreadPoolExecutor(self.config.tracking_workers, thread_name_prefix="tracking")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control_task: asyncio.Task | None = None
+        self.animator: Animator | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> "Daemon":
@@ -102,6 +107,7 @@ class Daemon:
 
             self.publisher = AvatarPublisher(self.config.publish)
             log.info("publishing avatars on %s", self.publisher.endpoint)
+        self.animator = Animator(self.model, self._loop, self.publisher, self.config.rig_expression_dtype)
         if self.config.control:
             from protocols.zmq_transport import ControlServer, publisher_handler
 
@@ -201,6 +207,12 @@ class Daemon:
         callbacks.append(callback)
         return lambda: callbacks.remove(callback) if callback in callbacks else None
 
+    def subscribe_animation(self, session_id: str, on_rig, on_motion) -> Callable[[], None]:
+        """Rigs and motions of a session on the loop (see `Animator.subscribe`)."""
+        if session_id not in self.sessions:
+            raise KeyError(f"unknown session {session_id!r}")
+        return self.animator.subscribe(session_id, on_rig, on_motion)
+
     def session_stats(self, session_id: str) -> dict:
         return self.sessions[session_id].stats()
 
@@ -265,6 +277,7 @@ class Daemon:
     def _track_one(self, session: Session, frame) -> None:
         with session.timer.time("track"):
             tracked = session.tracker.track(frame.image, frame.pts, frame.index, frame.t_capture)
+        self.animator.on_tracked(session.id, tracked)
         session.add_tracked(tracked)
         self.worker.notify()
         if not session.options.live:
@@ -287,7 +300,10 @@ class Daemon:
             arrays = version.gaussians.to_arrays(self.model.prompts, self.model.head, shape=version.shape)
             uids = version.gaussians.uid.numpy().astype(np.uint32)
         self._handed_over[session.id] = version.version
+        with session.timer.time("rig"):
+            rig = self.animator.rig_arrays(version)
         self._loop.call_soon_threadsafe(self._install, session, version, uids, arrays, t_capture)
+        self._loop.call_soon_threadsafe(self.animator.install, session.id, version, rig, t_capture)
 
     def _install(self, session: Session, version: AvatarState, uids, arrays, t_capture: float) -> None:
         buffer = self.buffers[session.id]
@@ -308,11 +324,15 @@ class Daemon:
     def _write_snapshot(self, session: Session) -> None:
         if self.config.snapshot_dir is None or session.latest is None:
             return
+        from protocols.animation import save_avatar
         from protocols.ply import save_ply
 
         path = Path(self.config.snapshot_dir) / f"{session.id}_v{session.latest.version}.ply"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_ply(path, self.buffers[session.id].live_arrays())
+        rig = self.animator.rig(session.id)
+        if rig is not None:
+            save_avatar(path.with_name(f"{path.stem}_avatar.npz"), rig)
 
     # -- control requests -----------------------------------------------------------------------------------
     async def _control(self, request) -> Any:
@@ -341,9 +361,14 @@ class Daemon:
                 raise ProtocolError(f"unknown session {sid!r}; 'list' shows the sessions")
             await self.close_session(sid)
             return {"session": sid, "state": self.sessions[sid].state}
+        if cmd == "rig":
+            rig = self.animator.rig(args.get("session", ""))
+            if rig is None:
+                raise ProtocolError(f"no rig for session {args.get('session')!r} yet; 'list' shows the sessions")
+            return rig.message()
         if cmd == "snapshot":
             sid = args.get("session")
             if sid not in self.buffers:
                 raise ProtocolError(f"unknown session {sid!r}; 'list' shows the sessions")
             return self.buffers[sid].snapshot()
-        raise ProtocolError(f"unknown command {cmd!r}; known: list, status, start, stop, snapshot")
+        raise ProtocolError(f"unknown command {cmd!r}; known: list, status, start, stop, snapshot, rig")

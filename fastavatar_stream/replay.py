@@ -1,6 +1,7 @@
 """Replay: run one recorded stream through the whole daemon pipeline in this process and write its results.
 
-`DIR/avatar.ply` (final avatar, world space at the neutral pose), `DIR/report.json` (counts, per-stage
+`DIR/avatar.ply` (final avatar, world space at the neutral pose), `DIR/avatar.npz` (the same avatar, drivable:
+canonical Gaussians and rig, see `protocols.animation`), `DIR/report.json` (counts, per-stage
 timings, latency, real-time factor), `DIR/preview.png` (the avatar from 8 views beside input frames) and, with
 a holdout, `DIR/holdout.png` (held-out real frames beside the avatar rendered with their tracked pose).
 """
@@ -88,6 +89,7 @@ def _progress(daemon: Daemon, session_id: str, source) -> asyncio.Task:
 
 
 def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dict:
+    from protocols.animation import save_avatar
     from protocols.ply import save_ply
 
     out = Path(opts.out)
@@ -105,6 +107,9 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dic
         raise InputError(f"{opts.source}: no avatar was built: {reason}")
     arrays = daemon.buffers[session.id].live_arrays()
     save_ply(out / "avatar.ply", arrays)
+    rig = daemon.animator.rig(session.id)
+    if rig is not None:
+        save_avatar(out / "avatar.npz", rig)
     model = daemon.model
     extra = {"session": session.stats(), "tracker": dict(session.tracker.counts),
              "model": model.network.cfg.name, "weights": str(opts.weights or "default"),

@@ -19,10 +19,19 @@ the engine's `GaussianSet.to_world` (expression offsets on the anchors, then FLA
                 is baked into the rig; a newer value tells a subscriber its rig is out of date)
 
 Decoders check the byte size, every key, type, length and that every number is finite.
+
+Drivable avatar file (``avatar.npz``, written by `replay` and `serve --snapshot-dir`; `save_avatar`/`load_avatar`):
+an uncompressed numpy ``.npz`` without pickles holding every rig array under its wire name (see
+`protocols.wire`: ids, anchor, offset, rotation, scales, opacities, colors, anchor_point, anchor_rest,
+anchor_expression, anchor_weights, joint_rest, joint_expression, parents) plus the scalars ``format``
+("fastavatar-avatar"), ``format_version`` (1), ``session``, ``version`` and ``shape_version``. Loading checks
+it exactly like a received rig message.
 """
 from __future__ import annotations
 
 import math
+import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +39,7 @@ import msgpack
 import numpy as np
 
 from protocols.errors import ProtocolError
-from protocols.wire import RIG_FIELDS, Message
+from protocols.wire import RIG_FIELDS, Message, decode, encode
 
 MAX_MOTION_BYTES = 512
 MAX_MOTION_EXPRESSION = 100
@@ -38,6 +47,8 @@ MOTION_VERSION = 1
 MOTION_KEYS = frozenset(("v", "type", "session", "frame", "t_capture", "t_publish", "shape_version",
                          "expression_dtype", "expression", "pose"))
 POSE_FLOATS = 18
+AVATAR_FORMAT = "fastavatar-avatar"
+AVATAR_FORMAT_VERSION = 1
 MAX_MOTION_SESSION = 64
 _MAX_INT = 2**63 - 1
 
@@ -281,3 +292,42 @@ def pose(rig: Rig, motion: Motion, rotate: bool = True) -> dict[str, np.ndarray]
         quats = quaternion_multiply(mixed, quats)
     return {"means": means.astype(np.float32), "quats": np.asarray(quats, np.float32),
             "scales": a["scales"].copy(), "opacities": a["opacities"].copy(), "colors": a["colors"].copy()}
+
+
+# ----- drivable avatar files ---------------------------------------------------------------------------
+def save_avatar(path: str | os.PathLike, rig: Rig) -> None:
+    """Write `rig` as a drivable avatar file (layout in the module docstring)."""
+    meta = {"format": np.array(AVATAR_FORMAT), "format_version": np.array(AVATAR_FORMAT_VERSION),
+            "session": np.array(rig.session), "version": np.array(rig.version),
+            "shape_version": np.array(rig.shape_version)}
+    with open(path, "wb") as fh:
+        np.savez(fh, **{name: rig.arrays[name] for name in RIG_FIELDS}, **meta)
+
+
+def load_avatar(path: str | os.PathLike) -> Rig:
+    """Read a drivable avatar file; ProtocolError (one line, naming the file) for anything that is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            contents = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ProtocolError(f"{path} is not a readable avatar .npz: {exc.__class__.__name__}: {exc}") from None
+    if str(contents.get("format", "")) != AVATAR_FORMAT:
+        raise ProtocolError(f"{path} is not a fastavatar avatar file (no format={AVATAR_FORMAT!r})")
+    if int(contents.get("format_version", -1)) != AVATAR_FORMAT_VERSION:
+        raise ProtocolError(f"{path}: avatar format version {contents.get('format_version')} is not "
+                            f"{AVATAR_FORMAT_VERSION}")
+    missing = sorted(set(RIG_FIELDS) - set(contents))
+    if missing:
+        raise ProtocolError(f"{path}: avatar file lacks {', '.join(missing)}")
+    try:
+        meta = {k: int(contents[k]) for k in ("version", "shape_version")}
+        session = str(contents["session"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"{path}: avatar file metadata is malformed ({exc})") from None
+    rig = Rig(session, meta["version"], meta["shape_version"], {name: contents[name] for name in RIG_FIELDS})
+    try:
+        return Rig.from_message(decode(encode(rig.message())))
+    except ProtocolError as exc:
+        raise ProtocolError(f"{path}: {exc}") from None

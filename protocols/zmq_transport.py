@@ -16,7 +16,12 @@ Both bind to 127.0.0.1 unless told otherwise. Sockets are not thread-safe: use e
 thread (event loop) that created it.
 
 PUB messages: [topic, header, buffer...] with topic = session UTF-8 + b"\\0" (so a SUB filter for
-"s1" does not also match "s10"). Control requests: one msgpack map frame
+"s1" does not also match "s10"). Animation (see `protocols.animation`) shares the PUB socket on topics of its
+own, which no avatar topic starts with (session names are printable): a session's `rig` (sent with every avatar
+version) as [b"\\x02" + session + b"\\0", header, buffer...], and its per-frame `motion` as ONE frame,
+b"\\x01" + session + b"\\0" + motion, so a subscriber can read motion on a SUB socket of its own with
+ZMQ_CONFLATE (only the newest motion waits: a slow subscriber skips stale poses instead of queueing them;
+conflation needs single-frame messages). Control requests: one msgpack map frame
 `{command, id?, ...args}`; replies: `[reply-header, message frames...]`, reply-header =
 `{v: 1, id, ok, result | error, message: bool}`; with `message: true` the wire frames of an
 avatar message (a snapshot) follow.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -32,6 +38,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from protocols.animation import Motion, Rig, encode_motion
 from protocols.avatar_buffer import CORE_SPECS, AvatarBuffer, DeltaStream
 from protocols.errors import ProtocolError
 from protocols.wire import Limits, Message, decode, encode
@@ -51,18 +58,34 @@ CONTROL_VERSION = 1
 #:   status {session?}           -> a map of counters (free-form)
 #:   start {source, options?, session?} -> {"session": str, ...}
 #:   stop {session}              -> a map (free-form); unknown sessions raise LookupError/ProtocolError
+#:   rig {session}               -> the session's newest `rig` Message (see protocols.animation)
 COMMANDS: dict[str, dict[str, tuple[type, bool]]] = {
     "snapshot": {"session": (str, True)},
     "list": {},
     "status": {"session": (str, False)},
     "start": {"source": (str, True), "options": (dict, False), "session": (str, False)},
     "stop": {"session": (str, True)},
+    "rig": {"session": (str, True)},
 }
+
+
+MOTION_PREFIX = b"\x01"
+RIG_PREFIX = b"\x02"
 
 
 def topic_for(session: str) -> bytes:
     """The PUB topic frame of a session (terminated, so prefixes do not collide)."""
     return session.encode("utf-8") + b"\x00"
+
+
+def motion_topic(session: str) -> bytes:
+    """The prefix of a session's motion frames."""
+    return MOTION_PREFIX + topic_for(session)
+
+
+def rig_topic(session: str) -> bytes:
+    """The topic frame of a session's rig messages."""
+    return RIG_PREFIX + topic_for(session)
 
 
 # ----- control messages ---------------------------------------------------------------------------
@@ -156,6 +179,7 @@ class PublisherStats:
     dropped: int = 0
     bytes_sent: int = 0
     per_session: dict[str, dict[str, int]] = field(default_factory=dict)
+    per_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # "rig"/"motion": sent, dropped, bytes
 
 
 class AvatarPublisher:
@@ -177,6 +201,7 @@ class AvatarPublisher:
         self.limits = limits
         self.stats = PublisherStats()
         self._streams: dict[str, DeltaStream] = {}
+        self._rigs: dict[str, Rig] = {}
 
     def publish(self, buffer: AvatarBuffer, t_capture: float = 0.0, stats: Mapping[str, Any] | None = None) -> bool:
         """Send the delta from the last published state of `buffer.session` to `buffer`. Never blocks.
@@ -203,6 +228,32 @@ class AvatarPublisher:
         counters["sent"] += 1
         return True
 
+    def publish_rig(self, rig: Rig) -> bool:
+        """Send a session's rig (kept for `rig` requests even when the socket refuses it). Never blocks."""
+        self._rigs[rig.session] = rig
+        frames = encode(rig.message(seq=0, t_publish=time.time()), self.limits)
+        return self._send_counted("rig", [rig_topic(rig.session), *frames])
+
+    def publish_motion(self, motion: Motion) -> bool:
+        """Send one motion frame. Never blocks; False when the socket refused it (that pose is simply skipped)."""
+        motion.t_publish = time.time()
+        return self._send_counted("motion", [motion_topic(motion.session) + encode_motion(motion)])
+
+    def rig(self, session: str) -> Rig:
+        """The newest rig of `session`; KeyError before its first avatar version."""
+        return self._rigs[session]
+
+    def _send_counted(self, kind: str, frames: list[bytes]) -> bool:
+        counters = self.stats.per_kind.setdefault(kind, {"sent": 0, "dropped": 0, "bytes": 0})
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            counters["dropped"] += 1
+            return False
+        counters["sent"] += 1
+        counters["bytes"] += sum(len(f) for f in frames)
+        return True
+
     def snapshot(self, session: str, stats: Mapping[str, Any] | None = None) -> Message:
         """The last published state of `session` with its seq; KeyError for an unknown session."""
         if session not in self._streams:
@@ -217,6 +268,7 @@ class AvatarPublisher:
 
     def remove(self, session: str) -> None:
         self._streams.pop(session, None)
+        self._rigs.pop(session, None)
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -245,6 +297,11 @@ def publisher_handler(publisher: AvatarPublisher, others: Handler | None = None)
                 raise ProtocolError(f"unknown session {request.args['session']!r}; 'list' shows the sessions") from None
         if request.command == "list":
             return {"sessions": [{"session": s, "version": publisher.version(s)} for s in publisher.sessions()]}
+        if request.command == "rig":
+            try:
+                return publisher.rig(request.args["session"]).message(t_publish=time.time())
+            except KeyError:
+                raise ProtocolError(f"no rig for session {request.args['session']!r} yet") from None
         if others is not None:
             return others(request)
         if request.command == "status":
