@@ -25,6 +25,15 @@ OnRig = Callable[[Rig], None]
 OnMotion = Callable[[Motion], None]
 
 
+def motion_of(session_id: str, frame: TrackedFrame, shape_version: int = 0) -> Motion:
+    """The motion message of a tracked frame that has a FLAME fit."""
+    fit = frame.flame
+    f32 = lambda a: np.asarray(a, np.float32).reshape(-1)  # noqa: E731
+    return Motion(session=session_id, frame=int(frame.index), t_capture=float(frame.t_capture),
+                  shape_version=shape_version, expression=f32(fit.expression), rotation=f32(fit.rotation),
+                  neck=f32(fit.neck), jaw=f32(fit.jaw), eyes=f32(fit.eyes), translation=f32(fit.translation))
+
+
 @dataclass
 class _SessionRig:
     rig: Rig | None = None
@@ -56,15 +65,9 @@ class Animator:
     # -- tracking thread ------------------------------------------------------------------------------------
     def on_tracked(self, session_id: str, frame: TrackedFrame) -> None:
         """Publish the frame's FLAME parameters (usable frames only) from the event loop."""
-        if not frame.usable:
-            return
-        fit = frame.flame
-        f32 = lambda a: np.asarray(a, np.float32).reshape(-1)  # noqa: E731
-        motion = Motion(session=session_id, frame=int(frame.index), t_capture=float(frame.t_capture),
-                        shape_version=self._state(session_id).shape_version, expression=f32(fit.expression),
-                        rotation=f32(fit.rotation), neck=f32(fit.neck), jaw=f32(fit.jaw), eyes=f32(fit.eyes),
-                        translation=f32(fit.translation))
-        self.loop.call_soon_threadsafe(self._publish_motion, motion)
+        if frame.usable:
+            motion = motion_of(session_id, frame, self._state(session_id).shape_version)
+            self.loop.call_soon_threadsafe(self._publish_motion, motion)
 
     # -- event loop -----------------------------------------------------------------------------------------
     def install(self, session_id: str, version: AvatarVersion, arrays: dict[str, np.ndarray],
