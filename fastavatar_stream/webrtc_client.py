@@ -4,7 +4,8 @@ For tests, benchmarks and people without a browser. `run_client(video, url)` ope
 connection to `url`'s `POST /offer` with one send-only video track (the file's frames paced by
 their pts, like a camera) and a data channel; avatar messages arriving on the channel are
 reassembled (`protocols.chunking`), decoded and applied to an `AvatarBuffer` exactly like the
-browser page does. It returns when the clip has been sent and nothing new arrived for `settle`
+browser page does; the avatar's rig arrives on that channel too, and motions on a second, unordered
+channel without retransmits ("motion"), like the page's. It returns when the clip has been sent and nothing new arrived for `settle`
 seconds, or at `timeout`.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from fastavatar_stream.sources import VideoFileSource
 from protocols.avatar_buffer import AvatarBuffer
 from protocols.chunking import Reassembler
 from protocols.errors import ProtocolError
-from protocols.webrtc import DATA_CHANNEL_LABEL, make_rtc_config
+from protocols.animation import Motion, Rig, decode_motion
+from protocols.webrtc import DATA_CHANNEL_LABEL, MOTION_CHANNEL_LABEL, make_rtc_config
 from protocols.wire import Message, decode
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,9 @@ class AvatarReceiver:
         self.stats: dict[str, Any] = {}
         self.errors: list[str] = []
         self.last_activity = time.monotonic()
+        self.rig: Rig | None = None
+        self.rigs = 0
+        self.motions: list[tuple[Motion, float, int]] = []  # (motion, t_received, bytes)
 
     def feed(self, data: bytes) -> Message | None:
         self.last_activity = time.monotonic()
@@ -133,6 +138,10 @@ class AvatarReceiver:
             self.malformed += 1
             log.warning("malformed avatar message: %s", exc)
             return None
+        if msg.type == "rig":
+            self.rig = Rig.from_message(msg)
+            self.rigs += 1
+            return msg
         if msg.type == "snapshot":
             self.buffer = AvatarBuffer.from_snapshot(msg)
             self.needs_snapshot = False
@@ -145,6 +154,18 @@ class AvatarReceiver:
         self.received.append(Received(msg.type, msg.version, msg.seq, msg.t_capture, msg.t_publish, time.time(),
                                       self.buffer.n_live, msg.nbytes))
         return msg
+
+    def feed_motion(self, data: bytes) -> Motion | None:
+        """One message of the motion channel."""
+        t_received = time.time()
+        try:
+            motion = decode_motion(data)
+        except ProtocolError as exc:
+            self.malformed += 1
+            log.warning("malformed motion: %s", exc)
+            return None
+        self.motions.append((motion, t_received, len(data)))
+        return motion
 
     def feed_text(self, text: str) -> None:
         try:
@@ -188,6 +209,9 @@ class ClientResult:
             return round(float(np.percentile(values, q)), 2) if values else None
 
         buf = self.receiver.buffer
+        motions = self.receiver.motions
+        motion_ms = [1e3 * (t - m.t_capture) for m, t, _ in motions if m.t_capture > 0]
+        frames = [m.frame for m, _, _ in motions]
         return {
             "session": self.session,
             "versions_received": len(recv),
@@ -200,6 +224,10 @@ class ClientResult:
             "latency_ms": {"capture_to_receipt_p50": pct(capture, 50), "capture_to_receipt_p95": pct(capture, 95),
                            "publish_to_receipt_p50": pct(publish, 50), "publish_to_receipt_p95": pct(publish, 95),
                            "samples": len(capture)},
+            "rigs_received": self.receiver.rigs,
+            "motion": {"received": len(motions), "bytes": sum(n for _, _, n in motions),
+                       "out_of_order": sum(b < a for a, b in zip(frames, frames[1:])),
+                       "capture_to_receipt_p50": pct(motion_ms, 50), "capture_to_receipt_p95": pct(motion_ms, 95)},
             "malformed_messages": self.receiver.malformed,
             "gaps": self.receiver.gaps,
             "server_errors": self.receiver.errors,
@@ -246,6 +274,12 @@ async def run_client(video: str | Path, url: str, *, timeout: float = 120.0, set
     try:
         pc.addTransceiver(track, direction="sendonly")
         channel = pc.createDataChannel(DATA_CHANNEL_LABEL, ordered=True)
+        motion_channel = pc.createDataChannel(MOTION_CHANNEL_LABEL, ordered=False, maxRetransmits=0)
+
+        @motion_channel.on("message")
+        def on_motion(data) -> None:
+            if isinstance(data, bytes):
+                receiver.feed_motion(data)
 
         @channel.on("message")
         def on_message(data) -> None:

@@ -36,8 +36,8 @@ from aiohttp import web
 from fastavatar_stream.sources import SourceFrame
 from protocols.avatar_buffer import AvatarBuffer
 from protocols.errors import ProtocolError
-from protocols.webrtc import (DEFAULT_MAX_BUFFERED, DataChannelSender, LatestFrameRelay, MAX_SDP_BYTES,
-                              make_rtc_config, validate_offer)
+from protocols.webrtc import (DEFAULT_MAX_BUFFERED, MAX_SDP_BYTES, MOTION_CHANNEL_LABEL, AnimationSender,
+                              DataChannelSender, LatestFrameRelay, make_rtc_config, validate_offer)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class Peer:
         self.relay = LatestFrameRelay()
         self.session_id: str | None = None
         self.sender: DataChannelSender | None = None
+        self.animation = AnimationSender(max_buffered=server.config.max_buffered)
         self.closed = False
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: list[asyncio.Task] = []
@@ -129,12 +130,23 @@ class Peer:
                 log.exception("peer %s: sending version %s failed", self.id, buffer.version)
 
     def attach_channel(self, channel: Any) -> None:
+        if channel.label == MOTION_CHANNEL_LABEL:
+            self.animation.attach_motion(channel)
+            log.info("peer %s: motion channel (ordered=%s, maxRetransmits=%s)", self.id, channel.ordered,
+                     channel.maxRetransmits)
+            return
         if self.sender is not None:
             channel.send(json.dumps({"type": "error", "error": "only one data channel per peer"}))
             return
         self.sender = DataChannelSender(channel, max_buffered=self.server.config.max_buffered, on_end=self.relay.end)
-        channel.on("message", self.sender.handle_control)
+        channel.on("message", self._on_control)
+        self.animation.attach_avatar(channel)
         log.info("peer %s: data channel %r", self.id, channel.label)
+
+    def _on_control(self, data: bytes | str) -> None:
+        self.sender.handle_control(data)
+        if isinstance(data, str) and '"snapshot"' in data:
+            self.animation.resend_rig()  # a peer that starts over needs the rig again
 
     async def stats_loop(self) -> None:
         while not self.closed:
@@ -148,6 +160,9 @@ class Peer:
             stats.update(self.relay.counters)
             stats["versions_sent"] = self.sender.stats.messages
             stats["versions_skipped"] = self.sender.stats.skipped
+            stats["motions_sent"] = self.animation.stats.motions
+            stats["motions_dropped"] = self.animation.stats.motions_dropped
+            stats["rigs_sent"] = self.animation.stats.rigs
             self.sender.send_json({"type": "stats", "session": self.session_id, **stats})
             self.sender.flush()
 
@@ -247,6 +262,11 @@ class WebRTCServer:
         if peer.closed:  # ICE failed while the session was opening
             return _error(400, "the peer connection closed during signaling")
         peer._unsubscribe = self.hub.subscribe(peer.session_id, peer.on_version)
+        subscribe_animation = getattr(self.hub, "subscribe_animation", None)
+        if subscribe_animation is not None:  # a hub that animates: rigs and motions to this peer too
+            stop_versions = peer._unsubscribe
+            stop_animation = subscribe_animation(peer.session_id, peer.animation.send_rig, peer.animation.send_motion)
+            peer._unsubscribe = lambda: (stop_versions(), stop_animation())
         peer.start_task(peer.ice_watchdog())
         peer.start_task(peer.stats_loop())
         log.info("peer %s (%s): session %s", peer.id, request.remote, peer.session_id)

@@ -13,6 +13,13 @@ skipped (counted) and the next send carries one conflated delta from the last st
 left, so a slow browser gets the newest state, never a backlog. When the buffer drains
 (`bufferedamountlow`) the skipped state is flushed, so the last version always arrives.
 
+Animation out: `AnimationSender` sends the session's `rig` (a `protocols.wire` message, see
+`protocols.animation`) on the avatar channel after the avatar messages, the newest one waiting while that
+channel is above `max_buffered`; and every `motion` (one binary message of <= 512 bytes) on a second channel
+the peer opens with the label "motion", unordered and with maxRetransmits 0, so a lost or late pose is never
+resent nor queued: a motion that cannot leave at once (channel not open, or more than `motion_max_buffered`
+bytes waiting) is dropped and counted.
+
 Control from the peer (text messages on the same channel, JSON objects with a `type`):
     {"type": "snapshot"}   resend the whole avatar (the next message is a snapshot)
     {"type": "ping", "t": <number>}  answered by {"type": "pong", "t": <same>}
@@ -35,6 +42,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
+from protocols.animation import Motion, Rig, encode_motion
 from protocols.avatar_buffer import CORE_SPECS, AvatarBuffer, DeltaStream
 from protocols.chunking import DEFAULT_CHUNK_BYTES, Chunker
 from protocols.errors import ProtocolError
@@ -47,6 +55,8 @@ DEFAULT_MAX_FRAME_PIXELS = 4096 * 4096
 MAX_SDP_BYTES = 64 * 1024
 MAX_CONTROL_BYTES = 4 * 1024
 DATA_CHANNEL_LABEL = "avatar"
+MOTION_CHANNEL_LABEL = "motion"
+DEFAULT_MOTION_MAX_BUFFERED = 4 * 1024
 
 
 # ----- camera in ----------------------------------------------------------------------------------
@@ -326,6 +336,86 @@ class DataChannelSender:
         reply = {"type": "pong", "t": request.get("t")}
         self.send_json(reply)
         return reply
+
+
+@dataclass
+class AnimationStats:
+    rigs: int = 0
+    rig_bytes: int = 0
+    rigs_waiting: int = 0     # rigs that waited for the avatar channel to drain
+    motions: int = 0
+    motion_bytes: int = 0
+    motions_dropped: int = 0
+
+
+class AnimationSender:
+    """Rigs and motions of one session to one peer (see the module docstring). Use on the event loop."""
+
+    def __init__(self, *, max_buffered: int = DEFAULT_MAX_BUFFERED,
+                 motion_max_buffered: int = DEFAULT_MOTION_MAX_BUFFERED, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 limits: Limits = Limits()) -> None:
+        self.max_buffered = int(max_buffered)
+        self.motion_max_buffered = int(motion_max_buffered)
+        self.limits = limits
+        self.stats = AnimationStats()
+        self.avatar_channel: Channel | None = None
+        self.motion_channel: Channel | None = None
+        self._chunker = Chunker(chunk_bytes)
+        self._pending_rig: Rig | None = None
+        self._newest_rig: Rig | None = None
+        self._sent_rig: tuple[str, int] | None = None
+
+    def attach_avatar(self, channel: Channel) -> None:
+        self.avatar_channel = channel
+        if hasattr(channel, "on"):
+            channel.on("open", self.flush)
+            channel.on("bufferedamountlow", self.flush)
+        self.flush()
+
+    def attach_motion(self, channel: Channel) -> None:
+        self.motion_channel = channel
+
+    def send_rig(self, rig: Rig) -> bool:
+        """Send `rig` now, or keep it (newest wins) until the avatar channel has room; True when it left."""
+        self._pending_rig = self._newest_rig = rig
+        return self.flush()
+
+    def resend_rig(self) -> bool:
+        """Send the newest rig again (the peer asked for a snapshot: it starts over)."""
+        self._sent_rig = None
+        return self.send_rig(self._newest_rig) if self._newest_rig is not None else False
+
+    def flush(self) -> bool:
+        rig, channel = self._pending_rig, self.avatar_channel
+        if rig is None or channel is None:
+            return False
+        if getattr(channel, "readyState", "open") != "open" or channel.bufferedAmount > self.max_buffered:
+            self.stats.rigs_waiting += 1
+            return False
+        self._pending_rig = None
+        if self._sent_rig == (rig.session, rig.version):
+            return False
+        for chunk in self._chunker.chunks(encode(rig.message(seq=self.stats.rigs, t_publish=time.time()),
+                                                 self.limits)):
+            channel.send(chunk)
+            self.stats.rig_bytes += len(chunk)
+        self.stats.rigs += 1
+        self._sent_rig = (rig.session, rig.version)
+        return True
+
+    def send_motion(self, motion: Motion) -> bool:
+        """Send one motion now or drop it; True when it left."""
+        channel = self.motion_channel
+        if (channel is None or getattr(channel, "readyState", "open") != "open"
+                or channel.bufferedAmount > self.motion_max_buffered):
+            self.stats.motions_dropped += 1
+            return False
+        motion.t_publish = time.time()
+        data = encode_motion(motion)
+        channel.send(data)
+        self.stats.motions += 1
+        self.stats.motion_bytes += len(data)
+        return True
 
 
 def parse_control(data: bytes | str) -> dict[str, Any]:

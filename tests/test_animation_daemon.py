@@ -7,6 +7,7 @@ moved in the image plane and encoded with PyAV.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -160,3 +161,48 @@ def test_subscribe_animate_renders_the_live_driven_avatar_to_a_video(tmp_path, c
     n, (h, w) = _frames(video)
     assert n >= 10 and h == w == 256
     assert "poses" in done.stdout
+
+
+def test_a_webrtc_peer_receives_the_rig_and_unordered_motion_from_the_daemon(tmp_path, micro_weights):
+    from engine.avatar_model import AvatarModel
+    from fastavatar_stream.daemon import Daemon, DaemonConfig
+    from fastavatar_stream.session import SessionOptions
+    from fastavatar_stream.webrtc_client import run_client
+    from fastavatar_stream.webrtc_server import WEBRTC_KEY, ServerConfig, start_http
+    from protocols.webrtc import loopback_ice
+
+    clip = make_demo_clip(tmp_path / "face.mp4", n_frames=20, size=192, fps=10)
+    channels = []
+
+    async def scenario():
+        daemon = Daemon(DaemonConfig(session_defaults=SessionOptions(refine_seconds=0.0)),
+                        model=AvatarModel.load(micro_weights))
+        await daemon.start()
+        with loopback_ice():
+            runner = await start_http(daemon, "127.0.0.1", 0, ServerConfig())
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            server = runner.app[WEBRTC_KEY]
+            try:
+                task = asyncio.ensure_future(run_client(clip, url, timeout=90, settle=4.0))
+                while not task.done():
+                    for peer in list(server.peers.values()):
+                        if peer.animation.motion_channel is not None:
+                            channels.append(peer.animation.motion_channel)
+                    await asyncio.sleep(0.2)
+                result = task.result()
+                await daemon.wait_session(result.session)
+                return result, daemon.animator.rig(result.session)
+            finally:
+                await runner.cleanup()
+                await daemon.shutdown()
+
+    result, rig = asyncio.run(scenario())
+    report = result.report()
+    assert report["rigs_received"] >= 1 and report["malformed_messages"] == 0
+    assert report["motion"]["received"] >= 10, report["motion"]
+    assert report["motion"]["bytes"] <= MAX_MOTION_BYTES * report["motion"]["received"]
+    assert channels and channels[-1].ordered is False and channels[-1].maxRetransmits == 0
+    held = result.receiver.rig
+    assert held.version == rig.version
+    motion = result.receiver.motions[-1][0]
+    np.testing.assert_array_equal(pose(held, motion)["means"], pose(rig, motion)["means"])
