@@ -1,20 +1,25 @@
 // The page: camera -> WebRTC (POST /offer) -> daemon session; avatar versions back on a data channel,
 // applied to an AvatarState and drawn by the splat viewer (loaded only when its modules are installed).
+// Live animation: the avatar's rig arrives on the same channel, motions on an unordered, no-retransmit "motion"
+// channel; they pass a small jitter buffer and pose the avatar on the GPU every frame (animation.js, viewer.js).
 
 import { AvatarState, Reassembler, WireError, decodeMessage } from "/static/wire.js";
 import { avatarToPly } from "/static/ply.js";
+import { JitterBuffer, Rig, decodeMotion, poseOf } from "/static/animation.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"), start: $("start"), download: $("download"), preview: $("preview"), message: $("message"),
   frames: $("frames"), windows: $("windows"), gaussians: $("gaussians"), version: $("version"), latency: $("latency"),
-  view: $("view"),
+  view: $("view"), poseLatency: $("pose-latency"),
 };
 
 // Read by tests and benchmarks (headless browser): what the page has seen so far.
 const live = (window.fastavatar = {
   state: "starting", session: null, versions: 0, snapshots: 0, deltas: 0, gaps: 0, errors: [],
   latencies: [], lastVersion: -1, gaussians: 0, viewer: "loading", stats: {},
+  rigs: 0, rigVersion: -1, motions: 0, motionErrors: 0, posesShown: 0, poseLatencies: [], motionLatencies: [],
+  shownFrames: [], jitter: {},
 });
 
 const avatar = new AvatarState();
@@ -22,6 +27,50 @@ const reassembler = new Reassembler();
 let viewer = null;
 let pc = null;
 let channel = null;
+let rig = null;
+const jitter = new JitterBuffer();
+let origin = null; // the first motion's translation: the head stays in view while it moves relative to it
+let heldPose = null; // set by tests: show this pose instead of the live one
+let shown = null;
+
+function animate() {
+  const pose = heldPose || jitter.sample(Date.now());
+  if (!pose || !viewer || !rig || pose === shown) return;
+  shown = pose;
+  viewer.showPose({ ...pose, translation: pose.translation.map((v, i) => v - (origin ? origin[i] : 0)) });
+  live.posesShown++;
+  live.jitter = { ...jitter.stats, delay: jitter.delay };
+  if (heldPose) return;
+  const ms = Date.now() - pose.t_capture * 1000;
+  live.poseLatencies.push(ms);
+  if (live.poseLatencies.length > 1000) live.poseLatencies.shift();
+  live.shownFrames.push(pose.frame);
+  if (live.shownFrames.length > 1000) live.shownFrames.shift();
+  if (live.posesShown % 10 === 1) ui.poseLatency.textContent = `${ms.toFixed(0)} ms`;
+}
+
+function onRig(msg) {
+  rig = new Rig(msg);
+  live.rigs++;
+  live.rigVersion = rig.version;
+  if (viewer) viewer.setRig(rig);
+}
+
+function onMotion(data) {
+  let motion;
+  try {
+    motion = decodeMotion(data);
+  } catch (err) {
+    if (!(err instanceof WireError)) throw err;
+    live.motionErrors++;
+    return;
+  }
+  live.motions++;
+  live.motionLatencies.push(Date.now() - motion.t_capture * 1000);
+  if (live.motionLatencies.length > 1000) live.motionLatencies.shift();
+  if (!origin) origin = Array.from(motion.pose.slice(15, 18));
+  jitter.push(motion, Date.now());
+}
 
 function setStatus(text, kind) {
   live.state = text;
@@ -38,7 +87,9 @@ async function loadViewer() {
     const { AvatarViewer } = await import("/static/viewer.js");
     ui.view.querySelector(".hint")?.remove();
     viewer = new AvatarViewer(ui.view);
+    viewer.beforeRender = animate;
     live.viewer = "ready";
+    if (rig) viewer.setRig(rig);
     if (avatar.version >= 0) viewer.update(avatar, { snapshot: true, ranges: [], retired: [] });
   } catch (err) {
     live.viewer = `unavailable: ${err.message}`;
@@ -61,6 +112,7 @@ function onBinary(data) {
     frames = reassembler.feed(data);
     if (!frames) return;
     const msg = decodeMessage(frames);
+    if (msg.type === "rig") { onRig(msg); return; }
     const change = avatar.apply(msg);
     live.versions++;
     msg.type === "snapshot" ? live.snapshots++ : live.deltas++;
@@ -119,6 +171,9 @@ async function start() {
   channel.onmessage = (ev) => (typeof ev.data === "string" ? onText(ev.data) : onBinary(ev.data));
   channel.onopen = () => setStatus("connected", "ok");
   channel.onclose = () => setStatus("closed", "error");
+  const motionChannel = pc.createDataChannel("motion", { ordered: false, maxRetransmits: 0 });
+  motionChannel.binaryType = "arraybuffer";
+  motionChannel.onmessage = (ev) => { if (typeof ev.data !== "string") onMotion(ev.data); };
   pc.onconnectionstatechange = () => {
     if (pc.connectionState === "failed" || pc.connectionState === "disconnected") {
       setStatus(pc.connectionState, "error");
@@ -153,6 +208,15 @@ ui.download.addEventListener("click", () => {
   setTimeout(() => URL.revokeObjectURL(url), 1000);
 });
 window.fastavatar.plyBytes = async () => new Uint8Array(await avatarToPly(avatar).arrayBuffer());
+// Tests: show the newest pose with some joints replaced ({jaw: [x, y, z], ...} axis-angle), or the live one again.
+window.fastavatar.holdPose = (joints = {}) => {
+  const names = ["rotation", "neck", "jaw", "leftEye", "rightEye"];
+  const base = shown || poseOf({ frame: 0, t_capture: 0, expression: new Float32Array(0), pose: new Float32Array(18) });
+  const axisAngle = (v) => poseOf({ frame: 0, t_capture: 0, expression: [], pose: Float32Array.from([...v, ...new Array(15).fill(0)]) }).joints[0];
+  heldPose = { ...base, joints: base.joints.map((q, j) => (names[j] in joints ? axisAngle(joints[names[j]]) : q)) };
+  shown = null;
+};
+window.fastavatar.releasePose = () => { heldPose = null; shown = null; };
 
 loadViewer();
 start();

@@ -139,6 +139,7 @@ export function unpackFrames(data) {
 
 // ----- frames -> message -------------------------------------------------------------------------
 const DTYPES = {
+  float16: Uint16Array, // raw half floats: rig arrays decode them with halfToFloat32
   uint8: Uint8Array, int8: Int8Array, uint16: Uint16Array, int16: Int16Array, uint32: Uint32Array,
   int32: Int32Array, int64: BigInt64Array, uint64: BigUint64Array, float32: Float32Array, float64: Float64Array,
 };
@@ -150,7 +151,7 @@ export function decodeMessage(frames) {
   if (!h || typeof h !== "object" || Array.isArray(h)) throw new WireError("header must be a map");
   if (h.v !== 1) throw new WireError(`unsupported wire version ${h.v}`);
   for (const key of HEADER_KEYS) if (!(key in h)) throw new WireError(`header misses ${key}`);
-  if (h.type !== "snapshot" && h.type !== "delta") throw new WireError(`unknown message type ${h.type}`);
+  if (h.type !== "snapshot" && h.type !== "delta" && h.type !== "rig") throw new WireError(`unknown message type ${h.type}`);
   if (!Array.isArray(h.arrays) || h.arrays.length !== frames.length - 1) throw new WireError("array count mismatch");
   const arrays = {};
   h.arrays.forEach((spec, i) => {
@@ -164,6 +165,7 @@ export function decodeMessage(frames) {
     }
     arrays[spec.name] = { data: new Ctor(frame.buffer, frame.byteOffset, elements), shape: spec.shape, dtype: spec.dtype };
   });
+  if (h.type === "rig") return { ...h, arrays }; // animation.js checks the rig's own schema
   const ids = arrays.ids;
   if (!ids || ids.shape.length !== 1 || (ids.dtype !== "uint32" && ids.dtype !== "int64")) throw new WireError("bad ids");
   const n = ids.shape[0];
