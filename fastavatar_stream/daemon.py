@@ -218,7 +218,9 @@ class Daemon:
 
     # -- the per-session pipeline -----------------------------------------------------------------------------
     async def _run_session(self, session: Session, source) -> None:
-        frames: asyncio.Queue = asyncio.Queue(maxsize=4)
+        # live: one waiting frame (the newest), so a frame's motion leaves one tracking time after its capture
+        # instead of queueing behind older frames; replay: a few, read ahead while tracking runs
+        frames: asyncio.Queue = asyncio.Queue(maxsize=1 if session.options.live else 4)
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
