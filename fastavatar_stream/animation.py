@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.fusion import AvatarVersion
+from engine.fusion import AvatarState
 from engine.rig import rig_arrays
 from fastavatar_stream.frames import TrackedFrame
 from protocols.animation import Motion, Rig
@@ -58,7 +58,7 @@ class Animator:
         return self._sessions.setdefault(session_id, _SessionRig())
 
     # -- engine worker thread -------------------------------------------------------------------------------
-    def rig_arrays(self, version: AvatarVersion) -> dict[str, np.ndarray]:
+    def rig_arrays(self, version: AvatarState) -> dict[str, np.ndarray]:
         return rig_arrays(version.gaussians, self.model.prompts, self.model.head, version.shape,
                           expression_dtype=self.expression_dtype)
 
@@ -70,7 +70,7 @@ class Animator:
             self.loop.call_soon_threadsafe(self._publish_motion, motion)
 
     # -- event loop -----------------------------------------------------------------------------------------
-    def install(self, session_id: str, version: AvatarVersion, arrays: dict[str, np.ndarray],
+    def install(self, session_id: str, version: AvatarState, arrays: dict[str, np.ndarray],
                 t_capture: float) -> Rig:
         """The rig of a new avatar version: bump the shape version when the identity changed, publish it."""
         state = self._state(session_id)
