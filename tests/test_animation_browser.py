@@ -45,6 +45,28 @@ import('/static/animation.js').then(({ JitterBuffer }) => {
 """
 
 
+TEST_MOTION = {"pose": [0.1, -0.2, 0.05, 0.05, 0.1, 0.0, 0.3, 0.02, -0.01, 0.1, 0.0, 0.0, 0.0, 0.1, 0.0, 0.01, -0.02, 0.03],
+               "expression": [0.8, -0.5, 0.3, 1.2, -1.0]}
+
+
+def expected_pose_inputs(rig) -> tuple[np.ndarray, np.ndarray]:
+    """What the page's CPU half must compute for TEST_MOTION: per-anchor expression offsets (A,3) and the joints'
+    relative transforms with the translation folded in (5,3,4), from protocols.animation's numpy posing."""
+    from protocols.animation import Motion, joint_transforms, rodrigues
+
+    pose = np.asarray(TEST_MOTION["pose"], np.float32)
+    expression = np.zeros(rig.n_expression, np.float32)
+    given = np.asarray(TEST_MOTION["expression"], np.float32)[: rig.n_expression]
+    expression[: given.size] = given
+    motion = Motion("s", 0, 0.0, 0, expression, pose[0:3], pose[3:6], pose[6:9], pose[9:15], pose[15:18])
+    a = rig.arrays
+    offsets = np.einsum("ade,e->ad", a["anchor_expression"].astype(np.float32), expression)
+    joints = a["joint_rest"] + np.einsum("jde,e->jd", a["joint_expression"], expression)
+    transforms = joint_transforms(joints, rodrigues(motion.joint_rotations()), a["parents"])[:, :3, :]
+    transforms[:, :, 3] += motion.translation
+    return offsets, transforms
+
+
 async def _screenshot(cdp: Cdp) -> np.ndarray:
     from PIL import Image
 
@@ -113,10 +135,11 @@ async def _drive_page(url: str, y4m: Path, profile: Path, artifacts: Path, stop_
                 if _changed(view(closed), view(again)).mean() < 0.002:
                     break
             jitter = await cdp.evaluate(JITTER_CHECK)
+            inputs = await cdp.evaluate(f"window.fastavatar.poseInputs({json.dumps(TEST_MOTION)})")
             from PIL import Image
 
             Image.fromarray(np.concatenate([closed, opened], axis=1).astype(np.uint8)).save(artifacts / "jaw.png")
-            return {"first": first, "live": live, "closed": closed, "opened": opened, "jitter": jitter,
+            return {"first": first, "live": live, "closed": closed, "opened": opened, "jitter": jitter, "inputs": inputs,
                     "console": cdp.console}
     finally:
         proc.terminate()
@@ -153,7 +176,10 @@ def test_the_page_animates_the_live_avatar_and_the_jaw_moves_the_mouth(real_clip
                     for session_id in list(daemon.sessions):
                         await daemon.close_session(session_id)
 
-                return await _drive_page(url, y4m, tmp_path / "profile", artifacts, stop_sessions)
+                result = await _drive_page(url, y4m, tmp_path / "profile", artifacts, stop_sessions)
+                result["rigs"] = {daemon.animator.rig(s).version: daemon.animator.rig(s) for s in daemon.sessions
+                                  if daemon.animator.rig(s) is not None}
+                return result
             finally:
                 await runner.cleanup()
                 await daemon.shutdown()
@@ -185,3 +211,13 @@ def test_the_page_animates_the_live_avatar_and_the_jaw_moves_the_mouth(real_clip
     shown = jitter["shown"]
     assert shown == sorted(shown) and shown[-1] == 6, jitter
     assert jitter["stats"]["late"] >= 1 and jitter["stats"]["reordered"] >= 1, jitter
+
+    # the page's CPU half of posing (expression offsets per anchor, joint transforms) is protocols.animation's
+    inputs = result["inputs"]
+    rig = result["rigs"].get(inputs["rigVersion"])
+    assert rig is not None, f"the page holds rig version {inputs['rigVersion']}, the daemon {list(result['rigs'])}"
+    offsets, transforms = expected_pose_inputs(rig)
+    page_offsets = np.asarray(inputs["anchorOffset"]).reshape(-1, 4)[:, :3]
+    page_joints = np.asarray(inputs["joints"]).reshape(5, 4, 4)[:, :3, :]
+    np.testing.assert_allclose(page_offsets, offsets, atol=1e-6)
+    np.testing.assert_allclose(page_joints, transforms, atol=1e-5)

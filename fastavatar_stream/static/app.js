@@ -5,7 +5,7 @@
 
 import { AvatarState, Reassembler, WireError, decodeMessage } from "/static/wire.js";
 import { avatarToPly } from "/static/ply.js";
-import { JitterBuffer, Rig, decodeMotion, poseOf } from "/static/animation.js";
+import { JitterBuffer, Rig, decodeMotion, poseOf, poseTextures } from "/static/animation.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -215,6 +215,13 @@ window.fastavatar.holdPose = (joints = {}) => {
   const axisAngle = (v) => poseOf({ frame: 0, t_capture: 0, expression: [], pose: Float32Array.from([...v, ...new Array(15).fill(0)]) }).joints[0];
   heldPose = { ...base, joints: base.joints.map((q, j) => (names[j] in joints ? axisAngle(joints[names[j]]) : q)) };
   shown = null;
+};
+// Tests: the CPU half of posing for a motion ({pose: 18 numbers, expression}) with the rig held now.
+window.fastavatar.poseInputs = ({ pose, expression }) => {
+  const anchorOffset = new Float32Array(4 * rig.A), joints = new Float32Array(16 * 5);
+  poseTextures(rig, poseOf({ frame: 0, t_capture: 0, expression: Float32Array.from(expression), pose: Float32Array.from(pose) }),
+    anchorOffset, joints);
+  return { rigVersion: rig.version, anchorOffset: Array.from(anchorOffset), joints: Array.from(joints) };
 };
 window.fastavatar.releasePose = () => { heldPose = null; shown = null; };
 
