@@ -163,7 +163,8 @@ def test_subscribe_animate_renders_the_live_driven_avatar_to_a_video(tmp_path, c
     assert "poses" in done.stdout
 
 
-def test_a_webrtc_peer_receives_the_rig_and_unordered_motion_from_the_daemon(tmp_path, micro_weights):
+def test_a_webrtc_peer_receives_the_rig_and_unordered_motion_and_the_snapshot_dir_gets_a_drivable_avatar(
+        tmp_path, micro_weights):
     from engine.avatar_model import AvatarModel
     from fastavatar_stream.daemon import Daemon, DaemonConfig
     from fastavatar_stream.session import SessionOptions
@@ -175,7 +176,8 @@ def test_a_webrtc_peer_receives_the_rig_and_unordered_motion_from_the_daemon(tmp
     channels = []
 
     async def scenario():
-        daemon = Daemon(DaemonConfig(session_defaults=SessionOptions(refine_seconds=0.0)),
+        daemon = Daemon(DaemonConfig(session_defaults=SessionOptions(refine_seconds=0.0),
+                                     snapshot_dir=tmp_path / "snapshots"),
                         model=AvatarModel.load(micro_weights))
         await daemon.start()
         with loopback_ice():
@@ -206,3 +208,6 @@ def test_a_webrtc_peer_receives_the_rig_and_unordered_motion_from_the_daemon(tmp
     assert held.version == rig.version
     motion = result.receiver.motions[-1][0]
     np.testing.assert_array_equal(pose(held, motion)["means"], pose(rig, motion)["means"])
+    saved = load_avatar(tmp_path / "snapshots" / f"{result.session}_v{rig.version}_avatar.npz")
+    assert saved.version == rig.version
+    np.testing.assert_array_equal(pose(saved, motion)["means"], pose(rig, motion)["means"])
