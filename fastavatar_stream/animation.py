@@ -3,7 +3,9 @@
 `Animator` turns avatar versions into `rig`s (on the engine worker: `rig_arrays`; on the loop: the session's
 shape version and the newest rig) and tracked frames into `motion`s (on the tracking thread), and hands both to
 the ZeroMQ publisher and to in-process subscribers (WebRTC peers) on the event loop. Motion never waits for the
-engine: it leaves as soon as its frame is tracked.
+engine: it leaves as soon as its frame is tracked. Rigs are conflated: at most one per `rig_interval_s` per session
+leaves (refinement makes several versions a second, each a whole rig); a newer version waits and the newest one
+goes when the interval is over, so the last version always arrives.
 """
 from __future__ import annotations
 
@@ -41,14 +43,18 @@ class _SessionRig:
     shape_version: int = 0
     subscribers: list[tuple[OnRig, OnMotion]] = field(default_factory=list)
     motions: int = 0
+    sent: Rig | None = None            # the rig subscribers hold
+    t_sent: float = float("-inf")      # loop time it left
+    flush: asyncio.TimerHandle | None = None
 
 
 class Animator:
     """See the module docstring. `publisher`: a `protocols.zmq_transport.AvatarPublisher` or None."""
 
     def __init__(self, model, loop: asyncio.AbstractEventLoop, publisher=None,
-                 expression_dtype: str = "float32") -> None:
+                 expression_dtype: str = "float32", rig_interval_s: float = 1.0) -> None:
         self.model = model
+        self.rig_interval_s = rig_interval_s
         self.loop = loop
         self.publisher = publisher
         self.expression_dtype = np.dtype(expression_dtype)
@@ -81,11 +87,25 @@ class Animator:
             state.shape_version += 1
             state.shape = shape
         state.rig = Rig(session_id, version.version, state.shape_version, arrays, t_capture)
+        wait = state.t_sent + self.rig_interval_s - self.loop.time()
+        if not same or wait <= 0:  # a new identity leaves at once: motions already name its shape version
+            self._send_rig(session_id)
+        elif state.flush is None:
+            state.flush = self.loop.call_later(wait, self._send_rig, session_id)
+        return state.rig
+
+    def _send_rig(self, session_id: str) -> None:
+        state = self._state(session_id)
+        if state.flush is not None:
+            state.flush.cancel()
+            state.flush = None
+        if state.rig is None or state.rig is state.sent:
+            return
+        state.sent, state.t_sent = state.rig, self.loop.time()
         if self.publisher is not None:
             self.publisher.publish_rig(state.rig)
         for on_rig, _ in list(state.subscribers):
             self._call(on_rig, state.rig)
-        return state.rig
 
     def _publish_motion(self, motion: Motion) -> None:
         state = self._state(motion.session)

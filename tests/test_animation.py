@@ -179,3 +179,30 @@ def test_a_rig_without_shape_version_or_with_a_missing_array_is_refused(model, a
     msg.arrays.pop("parents")
     with pytest.raises(ProtocolError, match="missing"):
         encode(msg)
+
+
+def test_the_daemon_sends_at_most_one_rig_per_interval_and_always_the_newest_last():
+    import asyncio
+
+    from engine.fusion import AvatarState
+    from fastavatar_stream.animation import Animator
+
+    sent: list[tuple[int, float]] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        animator = Animator(None, loop, rig_interval_s=0.3)
+        animator.subscribe("s1", lambda rig: sent.append((rig.version, loop.time())), lambda motion: None)
+        shape = torch.zeros(3)
+        for version in range(1, 11):  # ten versions in 0.5 s, one identity
+            animator.install("s1", AvatarState(version, None, shape, []), {}, 0.0)
+            await asyncio.sleep(0.05)
+        animator.install("s1", AvatarState(11, None, shape + 1, []), {}, 0.0)  # a new identity leaves at once
+        await asyncio.sleep(0.5)
+
+    asyncio.run(scenario())
+    versions = [v for v, _ in sent]
+    assert versions[0] == 1 and versions[-1] == 11 and versions == sorted(set(versions))
+    gaps = [b - a for (va, a), (vb, b) in zip(sent, sent[1:]) if vb != 11]
+    assert all(g >= 0.29 for g in gaps), gaps
+    assert len(sent) <= 5
