@@ -86,7 +86,7 @@ def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 async def _posed(cdp: Cdp, jaw: float) -> np.ndarray:
     """A screenshot with the newest pose held, its jaw opened `jaw` radians (after the software renderer drew it)."""
     await cdp.evaluate(f"window.fastavatar.holdPose({{jaw: [{jaw}, 0, 0]}})")
-    await asyncio.sleep(4.0)
+    await asyncio.sleep(2.5)
     return await _screenshot(cdp)
 
 
@@ -165,7 +165,7 @@ def test_the_page_animates_the_live_avatar_and_the_jaw_moves_the_mouth(real_clip
     y4m = make_y4m(real_clip, tmp_path / "camera.y4m", frames=75)
 
     async def scenario() -> dict:
-        daemon = Daemon(DaemonConfig(session_defaults=SessionOptions(refine_seconds=0.0, budget=20_000)),
+        daemon = Daemon(DaemonConfig(session_defaults=SessionOptions(refine_seconds=0.0, budget=10_000)),
                         model=AvatarModel.load(None))
         await daemon.start()
         with loopback_ice():
