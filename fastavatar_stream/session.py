@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.fusion import AvatarState, IncrementalFuser
 from fastavatar_stream.frames import TrackedFrame, Window
-from fastavatar_stream.prepare import FramePreparer, PreparedFrame
+from fastavatar_stream.prepare import FramePreparer, PreparedFrame, crop_resize
 from fastavatar_stream.timing import StageTimer
 from fastavatar_stream.report import ReplayReport
 from fastavatar_stream.windowing import Windower
@@ -31,7 +31,11 @@ class SessionOptions:
     live: a live stream (camera/WebRTC, or --realtime replay): windows are cut when the engine is free, so the
       stride grows instead of falling behind; otherwise every scheduled window is processed.
     budget: most Gaussians the avatar keeps. holdout: every K-th frame is kept out of reconstruction and
-    refinement for evaluation (0: none). refine_seconds: total refinement time for this session (0: off).
+    refinement for evaluation (0: none). holdout_from: every frame from this index on is kept out (a tail
+    hold-out: the avatar is scored on a stretch of the stream it never saw; None: none).
+    refine_seconds: total refinement time for this session (0: off).
+    linger_s: after the stream ends and its windows are done, the session stays open this long (refinement goes
+      on while its budget lasts; subscribers can still ask for snapshots).
     max_frames: stop after this many source frames (None: the whole stream).
     fusion: "visibility" (each copy of an anchor weighs by how squarely its frame saw it) or "concat" (the paper's
       plain concatenation, every copy at its predicted opacity, pruned by importance); None: the model's default
@@ -44,6 +48,7 @@ class SessionOptions:
     live: bool = False
     budget: int = 60_000
     holdout: int = 0
+    holdout_from: int | None = None
     refine_seconds: float = 0.0
     refine_burst_seconds: float = 0.25
     refine_pool_size: int = 24
@@ -54,6 +59,7 @@ class SessionOptions:
     max_ready_windows: int = 2
     max_prepared: int = 512
     max_timings: int = 2_000
+    linger_s: float = 0.0
 
 
 @dataclass
@@ -75,11 +81,13 @@ class WindowTiming:
 
 @dataclass
 class RefineSample:
-    """A tracked frame kept for refinement/evaluation: the model-size crop and its camera."""
+    """A tracked frame kept for refinement/evaluation: the model-size crop and its camera, and the tracker's
+    head matte cut to the same crop ((S,S) float32 in [0,1]) when the tracker gave one."""
 
     index: int
     frame: TrackedFrame
     prepared: PreparedFrame
+    matte: np.ndarray | None = None
 
 
 class Session:
@@ -119,11 +127,14 @@ class Session:
         self.refine_bursts: deque[tuple[float, float]] = deque(maxlen=options.max_timings)  # perf_counter spans
         self._ready_times: deque[float] = deque()  # when each window of _ready was queued (replay mode)
         self._t_live_ready: float | None = None  # when the live windower last became due
+        # the avatar when the stream ended and its windows were done (before any lingering refinement)
+        self.stream_end: tuple[float, AvatarState | None] | None = None  # (time.time(), version)
+        self.t_work_done: float | None = None  # time.time() when windows and the replay's refinement were done
 
     # -- tracking side (tracking thread) ---------------------------------------------------------------------
     def is_holdout(self, index: int) -> bool:
-        k = self.options.holdout
-        return k > 0 and index % k == k - 1
+        k, tail = self.options.holdout, self.options.holdout_from
+        return (k > 0 and index % k == k - 1) or (tail is not None and index >= tail)
 
     def add_tracked(self, frame: TrackedFrame) -> None:
         """Account for a tracked frame and feed it to the windower (holdout frames are set aside)."""
@@ -137,7 +148,7 @@ class Session:
             with self.timer.time("prepare"):
                 prepared = self.preparer.prepare(frame)
             if self.is_holdout(frame.index):
-                self.holdout.append(RefineSample(frame.index, light_frame(frame), prepared))
+                self.holdout.append(_sample(frame, prepared))
                 return
             self._prepared[frame.index] = prepared
             while len(self._prepared) > self.options.max_prepared:
@@ -221,11 +232,15 @@ class Session:
             have = {s.index for s in self.refine_pool}
             for frame in window.frames:
                 if frame.index not in have:
-                    self.refine_pool.append(RefineSample(frame.index, light_frame(frame), self.prepared(frame)))
+                    self.refine_pool.append(_sample(frame, self.prepared(frame)))
             limit = self.options.refine_pool_size
             if len(self.refine_pool) > limit:
                 keep = np.linspace(0, len(self.refine_pool) - 1, limit).round().astype(int)
                 self.refine_pool = [self.refine_pool[i] for i in sorted(set(keep.tolist()))]
+
+    def mark_stream_end(self) -> None:
+        with self.lock:
+            self.stream_end = (time.time(), self.latest)
 
     def wants_refinement(self) -> bool:
         return (self.options.refine_seconds > 0 and not self.refine_stopped and self.latest is not None
@@ -272,6 +287,22 @@ class Session:
             "gaussians": len(latest.gaussians) if latest else 0,
             "refine_s": round(self.refine_spent, 3),
         }
+
+
+def _sample(frame: TrackedFrame, prepared: PreparedFrame) -> RefineSample:
+    return RefineSample(frame.index, light_frame(frame), prepared, crop_matte(frame, prepared))
+
+
+def crop_matte(frame: TrackedFrame, prepared: PreparedFrame) -> np.ndarray | None:
+    """The tracker's full-frame matte cut and resized like the frame's model crop, or the preparer's own matte."""
+    if prepared.alpha is not None:
+        return prepared.alpha
+    matte = frame.matte  # trackers without a segmenter give none
+    if matte is None or frame.image.size == 0:
+        return None
+    size = prepared.image.shape[-1]
+    grey = np.repeat((np.clip(matte, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    return crop_resize(grey, prepared.crop, size, fill=(0, 0, 0))[..., 0]
 
 
 def light_frame(frame: TrackedFrame) -> TrackedFrame:

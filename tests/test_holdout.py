@@ -144,3 +144,46 @@ def test_a_failing_refiner_turns_refinement_off_for_its_session_only(clip, micro
     assert session.options.refine_seconds == 2.0  # the caller's options are not rewritten
     assert not session.wants_refinement()
     assert session.windows_done >= 3 and session.latest.version >= session.windows_done
+
+
+def used_frames(report: dict) -> set[int]:
+    """Every frame index that went into a window, a FramePack pool or refinement."""
+    used = set(report["extra"]["refine_frames"])
+    for window in report["extra"]["window_log"]:
+        used |= set(window["frames"]) | set(window["pool"])
+    return used
+
+
+@pytest.mark.parametrize("realtime", [False, True], ids=["replay", "realtime"])
+def test_tail_holdout_scores_a_stretch_the_avatar_never_saw(tmp_path, clip, micro_weights, realtime):
+    out = tmp_path / "out"
+    extra = ["--realtime", "--linger", "1"] if realtime else []
+    proc = subprocess.run(CLI + ["replay", str(clip), "--out", str(out), "--weights", str(micro_weights),
+                                 "--holdout-tail", "0.25", "--refine", "2", "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+    report = json.loads((out / "report.json").read_text())
+    holdout = report["holdout"]
+    tail_start = N_FRAMES - N_FRAMES // 4
+    assert holdout["kind"] == "tail" and holdout["tail_from_frame"] == tail_start
+    assert holdout["frames"] and min(holdout["frames"]) >= tail_start
+    used = used_frames(report)
+    assert used and max(used) < tail_start, "a held-out tail frame went into a window, a pool or refinement"
+    assert report["extra"]["refine_frames"], "refinement kept no frames"
+    assert isinstance(holdout["psnr"], float) and math.isfinite(holdout["psnr"])
+    assert -1.0 <= holdout["ssim"] <= 1.0
+    assert holdout["identity_distance"] is None or holdout["identity_distance"] >= 0
+    timeline = report["holdout_timeline"]
+    assert timeline[0]["after_end_s"] == 0.0 and timeline[0]["version"] <= holdout["version"]
+    assert (out / "holdout.png").is_file()
+    if realtime:  # live: the stream's end does not wait for the refinement budget; lingering refines
+        assert report["extra"]["session"]["refine_s"] > 0
+
+
+@pytest.mark.parametrize("fraction", ["1", "-0.1", "nan"])
+def test_tail_holdout_outside_zero_to_one_is_refused_with_one_line(tmp_path, clip, fraction):
+    proc = subprocess.run(CLI + ["replay", str(clip), "--out", str(tmp_path / "o"), "--holdout-tail", fraction],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--holdout-tail" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
