@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.avatar_model import AvatarModel
 from engine.errors import InputError
 from engine.fusion import AvatarState
 from fastavatar_stream.daemon import Daemon, DaemonConfig
@@ -56,8 +57,24 @@ class ReplayOptions:
     device: str = "cpu"
 
 
+@dataclass
+class ReplayResult:
+    """What a replay leaves behind in memory: the report dict, the ended session (its avatar, kept and held-out
+    frames), the model that built it and the avatar as it was at the stream's end and while lingering."""
+
+    report: dict
+    session: Session
+    model: AvatarModel
+    timeline: list[tuple[float, AvatarState | None]]  # (seconds after the stream's end, avatar then)
+
+
 async def run_replay(opts: ReplayOptions) -> dict:
     """Replay `opts.source`; returns the report dict (also written to DIR/report.json)."""
+    return (await replay(opts)).report
+
+
+async def replay(opts: ReplayOptions) -> ReplayResult:
+    """Replay `opts.source` and write DIR's files; returns the report with the session and model."""
     from fastavatar_stream.sources import open_source
 
     source = open_source(opts.source, realtime=opts.realtime)
@@ -77,8 +94,9 @@ async def run_replay(opts: ReplayOptions) -> dict:
         timeline.cancel()
         if progress is not None:
             progress.cancel()
-        return await asyncio.get_running_loop().run_in_executor(None, _write_outputs, daemon, session, opts,
-                                                                marks)
+        report = await asyncio.get_running_loop().run_in_executor(None, _write_outputs, daemon, session, opts,
+                                                                  marks)
+        return ReplayResult(report, session, daemon.model, marks)
     finally:
         await daemon.shutdown()
 
@@ -271,23 +289,12 @@ def write_preview(model, session: Session, path: Path, size: int = 256) -> Path:
 def evaluate_holdout(model, samples: list[RefineSample], version: AvatarState, path: Path | None = None) -> dict:
     """Render `version`'s avatar with each held-out frame's tracked pose and camera; PSNR/SSIM in the head region
     and dlib identity distance where a face is found in both images. Writes real-vs-rendered pairs to `path`."""
-    from fastavatar_stream.views import refine_frames
-    from engine.refine import RefineSession
-
     if not samples:
         return {"frames": [], "psnr": None, "ssim": None, "identity_distance": None}
-    frames = refine_frames(samples, model)
-    renderer = RefineSession(version.gaussians, model.prompts, model.head)
-    psnrs, ssims, renders = [], [], []
-    with torch.no_grad():
-        for i in range(len(samples)):
-            idx = torch.tensor([i])
-            pred = renderer.render_frames(frames, idx, version.gaussians)["rgb"][0]
-            psnrs.append(region_psnr(pred, frames.images[i], frames.masks[i]))
-            ssims.append(region_ssim(pred, frames.images[i], frames.masks[i]))
-            renders.append(pred)
-    real_u8 = [(frames.images[i].numpy() * 255).round().astype(np.uint8) for i in range(len(samples))]
-    fake_u8 = [(r.clamp(0, 1).numpy() * 255).round().astype(np.uint8) for r in renders]
+    real, fake, frames = holdout_renders(model, samples, version)
+    psnrs = [region_psnr(fake[i], frames.images[i], frames.masks[i]) for i in range(len(samples))]
+    ssims = [region_ssim(fake[i], frames.images[i], frames.masks[i]) for i in range(len(samples))]
+    real_u8, fake_u8 = to_u8(real), to_u8(fake)
     distance = identity_distances(real_u8, fake_u8)
     if path is not None:
         shown = np.linspace(0, len(samples) - 1, min(6, len(samples))).round().astype(int)
@@ -300,6 +307,23 @@ def evaluate_holdout(model, samples: list[RefineSample], version: AvatarState, p
             "psnr_face_pairs": _mean([psnrs[i] for i in faces]), "ssim_face_pairs": _mean([ssims[i] for i in faces]),
             "per_frame": [{"frame": s.index, "psnr": p, "ssim": q, "identity_distance": d}
                           for s, p, q, d in zip(samples, psnrs, ssims, distance)]}
+
+
+@torch.no_grad()
+def holdout_renders(model, samples: list[RefineSample], version: AvatarState):
+    """(real crops, renders of `version` with their tracked pose and camera, the RefineFrames): (H,W,3) in [0,1]."""
+    from fastavatar_stream.views import refine_frames
+    from engine.refine import RefineSession
+
+    frames = refine_frames(samples, model)
+    renderer = RefineSession(version.gaussians, model.prompts, model.head)
+    renders = [renderer.render_frames(frames, torch.tensor([i]), version.gaussians)["rgb"][0]
+               for i in range(len(samples))]
+    return list(frames.images), renders, frames
+
+
+def to_u8(images: list[torch.Tensor]) -> list[np.ndarray]:
+    return [(im.clamp(0, 1).numpy() * 255).round().astype(np.uint8) for im in images]
 
 
 def _mean(values: list[float | None]) -> float | None:
