@@ -142,7 +142,7 @@ def novel_views(result, out: Path, n_reference: int = 3) -> dict:
     identity distance to the input frames, per angle; a strip of them in `out`."""
     from engine.render import render
     from fastavatar_stream.identity import FaceIdentity
-    from fastavatar_stream.worker import refine_frames
+    from fastavatar_stream.views import refine_frames
 
     model, session = result.model, result.session
     gaussians = session.latest.gaussians

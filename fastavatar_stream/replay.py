@@ -92,6 +92,8 @@ async def replay(opts: ReplayOptions) -> ReplayResult:
         timeline = asyncio.create_task(_timeline(daemon.sessions[session_id], marks))
         session = await daemon.wait_session(session_id)
         timeline.cancel()
+        if session.stream_end is not None:
+            marks.insert(0, (0.0, session.stream_end[1]))
         if progress is not None:
             progress.cancel()
         report = await asyncio.get_running_loop().run_in_executor(None, _write_outputs, daemon, session, opts,
@@ -132,12 +134,11 @@ def source_length(source) -> int | None:
 
 
 async def _timeline(session: Session, marks: list[tuple[float, AvatarState | None]]) -> None:
-    """Append (seconds after the stream's end, avatar version) at its end and every TIMELINE_EVERY_S while the
-    session lingers."""
+    """Append (seconds after the stream's end, avatar version) every TIMELINE_EVERY_S while the session lingers
+    (the avatar at the end itself is `session.stream_end`)."""
     while session.stream_end is None:
         await asyncio.sleep(0.05)
-    t_end, version = session.stream_end
-    marks.append((0.0, version))
+    t_end = session.stream_end[0]
     while True:
         await asyncio.sleep(TIMELINE_EVERY_S - (time.time() - t_end) % TIMELINE_EVERY_S)
         marks.append((round(time.time() - t_end, 1), session.latest))
@@ -231,18 +232,20 @@ def holdout_samples(session: Session, limit: int) -> list[RefineSample]:
 
 
 def window_log(session: Session) -> dict:
-    """Per-window frames and ready -> engine wait, the frames refinement fits, and refinement burst lengths
-    (seconds)."""
+    """Per-window frames, coverage gain and ready -> engine wait, the frames refinement fits, what made each
+    version, how the engine's time was split, and refinement burst lengths (seconds)."""
     from fastavatar_stream.timing import percentiles
 
     timings = list(session.window_timings)
     bursts = [end - start for start, end in list(session.refine_bursts)]
     return {
         "window_log": [{"index": t.index, "frames": list(t.frames), "pool": list(t.pool),
-                        "wait_s": round(t.wait, 4),
+                        "wait_s": round(t.wait, 4), "coverage_gain": round(t.coverage_gain, 3),
                         "engine_s": round(t.t_done - t.t_started, 4) if t.t_done is not None else None}
                        for t in timings],
         "refine_frames": [s.index for s in session.refine_pool],
+        "version_log": list(session.version_log),  # per version: made by a window or by refinement
+        "engine_split": session.engine_split(),
         "window_wait": percentiles([t.wait for t in timings]),
         "refine_bursts": {"n": len(bursts), **percentiles(bursts), "max": max(bursts) if bursts else None},
     }

@@ -40,6 +40,11 @@ class SessionOptions:
     fusion: "visibility" (each copy of an anchor weighs by how squarely its frame saw it) or "concat" (the paper's
       plain concatenation, every copy at its predicted opacity, pruned by importance); None: the model's default
       (`AvatarModel.default_fusion`, set when the daemon opens the session).
+    refine_share_max: live mode: the largest share of this session's engine time refinement may take from
+      windows. The next window waits while refinement since the last window is short of
+      share / (1 - share) x the last window's engine time, share = min(refine_share_max, 1 - coverage gain):
+      a window that would show the avatar new head poses goes at once, one that adds little waits for
+      refinement (see `window_deferred`).
     refine_burst_seconds: length of one refinement burst on the engine worker (a ready window waits at most
       about this long, usually one optimiser step). refine_pool_size: most tracked frames the refiner fits
       against (spread over the session). max_timings: window/burst timing records kept.
@@ -51,6 +56,7 @@ class SessionOptions:
     holdout_from: int | None = None
     refine_seconds: float = 0.0
     refine_burst_seconds: float = 0.25
+    refine_share_max: float = 0.8
     refine_pool_size: int = 24
     max_frames: int | None = None
     fusion: str | None = None
@@ -72,6 +78,7 @@ class WindowTiming:
     t_started: float
     frames: tuple[int, ...] = ()  # indices of the window's sparse frames
     pool: tuple[int, ...] = ()    # indices of its FramePack pool frames
+    coverage_gain: float = 1.0    # fraction of its new frames in head poses no earlier window covered
     t_done: float | None = None
 
     @property
@@ -113,6 +120,9 @@ class Session:
         self.frames_tracked = 0
         self.frames_unusable = 0
         self.refine_spent = 0.0
+        self.window_spent = 0.0
+        self.last_window_s = 0.0          # engine time of the last window
+        self.refine_since_window = 0.0    # refinement engine time since the last window
         self.refine_dirty = False  # a window changed the avatar since the refiner last started from it
         self.refine_stopped = False  # refinement failed once: off for the rest of the session
         self.lock = threading.RLock()
@@ -125,6 +135,7 @@ class Session:
         # bounded: a daemon session may run for hours
         self.window_timings: deque[WindowTiming] = deque(maxlen=options.max_timings)
         self.refine_bursts: deque[tuple[float, float]] = deque(maxlen=options.max_timings)  # perf_counter spans
+        self.version_log: deque[dict] = deque(maxlen=options.max_timings)  # what made each version
         self._ready_times: deque[float] = deque()  # when each window of _ready was queued (replay mode)
         self._t_live_ready: float | None = None  # when the live windower last became due
         # the avatar when the stream ended and its windows were done (before any lingering refinement)
@@ -186,9 +197,17 @@ class Session:
         with self.lock:
             if self._ready:
                 return min(f.t_capture for f in self._ready[0].frames)
-        if self.options.live:
+        if self.options.live and not self.window_deferred():
             return self.windower.oldest_ready_capture()
         return None
+
+    def window_deferred(self) -> bool:
+        """Live: the next window waits so that refinement gets the engine share its coverage gain leaves (see
+        SessionOptions.refine_share_max). The first windows (a fast first avatar) never wait."""
+        if self.windows_done < len(self.windower.early) or not self.wants_refinement():
+            return False
+        share = min(self.options.refine_share_max, 1.0 - self.windower.coverage_gain())
+        return self.refine_since_window < self.last_window_s * share / (1.0 - share) - 1e-9
 
     def take_window(self) -> Window | None:
         """The next window for the engine; the caller must call `window_finished()` when done with it."""
@@ -206,14 +225,30 @@ class Session:
                 self.in_flight += 1
                 self.window_timings.append(WindowTiming(window.index, t_ready, now,
                                                         tuple(f.index for f in window.frames),
-                                                        tuple(f.index for f in window.pool)))
+                                                        tuple(f.index for f in window.pool), window.coverage_gain))
             return window
 
-    def window_finished(self) -> None:
+    def window_finished(self, engine_s: float = 0.0, version: int | None = None) -> None:
+        """The engine is done with the window it took after `engine_s` seconds (version: what it made, None when
+        it failed or was given up)."""
         with self.lock:
             self.in_flight -= 1
-            if self.window_timings and self.window_timings[-1].t_done is None:
-                self.window_timings[-1].t_done = time.perf_counter()
+            timing = self.window_timings[-1] if self.window_timings else None
+            if timing is not None and timing.t_done is None:
+                timing.t_done = time.perf_counter()
+            self.window_spent += engine_s
+            self.last_window_s = engine_s
+            self.refine_since_window = 0.0
+            if version is not None:
+                self.version_log.append({"version": version, "made_by": "window", "engine_s": round(engine_s, 4),
+                                         "coverage_gain": round(timing.coverage_gain, 3) if timing else None})
+
+    def engine_split(self) -> dict:
+        """Engine seconds this session spent on windows and on refinement, and their shares."""
+        total = self.window_spent + self.refine_spent
+        return {"window_s": round(self.window_spent, 3), "refine_s": round(self.refine_spent, 3),
+                "refine_share": round(self.refine_spent / total, 3) if total else None,
+                "covered_pose_cells": self.windower.covered_cells}
 
     def engine_idle(self) -> bool:
         """No window waiting for or inside the engine."""
@@ -261,11 +296,15 @@ class Session:
             dirty, self.refine_dirty = self.refine_dirty, False
         return dirty
 
-    def refinement_spent(self, start: float, end: float) -> None:
-        """One refinement burst ran from `start` to `end` (perf_counter seconds)."""
+    def refinement_spent(self, start: float, end: float, version: int | None = None) -> None:
+        """One refinement burst ran from `start` to `end` (perf_counter seconds) and made `version` (None: it
+        failed)."""
         with self.lock:
             self.refine_spent += end - start
+            self.refine_since_window += end - start
             self.refine_bursts.append((start, end))
+            if version is not None:
+                self.version_log.append({"version": version, "made_by": "refine", "engine_s": round(end - start, 4)})
 
     def stop_refinement(self, reason: str) -> None:
         """Refinement failed: the session goes on with feed-forward versions only (the reason is in its report)."""
