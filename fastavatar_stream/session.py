@@ -120,6 +120,7 @@ class Session:
         self.frames_tracked = 0
         self.frames_unusable = 0
         self.refine_spent = 0.0
+        self.pose_latency_s: float | None = None  # capture -> tracked, newest frame: how late its pose is
         self.window_spent = 0.0
         self.last_window_s = 0.0          # engine time of the last window
         self.refine_since_window = 0.0    # refinement engine time since the last window
@@ -151,6 +152,7 @@ class Session:
         """Account for a tracked frame and feed it to the windower (holdout frames are set aside)."""
         with self.lock:
             self.frames_tracked += 1
+            self.pose_latency_s = time.time() - frame.t_capture if frame.t_capture else None
             if not frame.usable:
                 self.frames_unusable += 1
                 self.windower.stats.frames_in += 1
@@ -325,6 +327,7 @@ class Session:
             "version": latest.version if latest else 0,
             "gaussians": len(latest.gaussians) if latest else 0,
             "refine_s": round(self.refine_spent, 3),
+            "pose_latency_ms": None if self.pose_latency_s is None else round(1000 * self.pose_latency_s, 1),
         }
 
 

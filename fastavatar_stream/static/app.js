@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"), start: $("start"), download: $("download"), preview: $("preview"), message: $("message"),
   frames: $("frames"), windows: $("windows"), gaussians: $("gaussians"), version: $("version"), latency: $("latency"),
-  view: $("view"),
+  poseLatency: $("pose-latency"), view: $("view"),
 };
 
 // Read by tests and benchmarks (headless browser): what the page has seen so far.
@@ -89,7 +89,10 @@ function onText(text) {
   try { body = JSON.parse(text); } catch { return; }
   if (body.type === "stats") {
     live.stats = body;
-    if (body.frames !== undefined) ui.frames.textContent = String(body.frames);
+    // frames the daemon tracked (what the avatar is built from), not frames the relay merely received
+    const frames = body.frames_tracked ?? body.frames;
+    if (frames !== undefined) ui.frames.textContent = String(frames);
+    if (body.pose_latency_ms != null) ui.poseLatency.textContent = `${body.pose_latency_ms.toFixed(0)} ms`;
     if (body.windows !== undefined) ui.windows.textContent = String(body.windows);
     if (body.gaussians !== undefined && avatar.version < 0) ui.gaussians.textContent = String(body.gaussians);
   } else if (body.type === "error") {
