@@ -5,8 +5,9 @@
 
 One feed-forward replay with the tail hold-out (`replay CLIP --holdout-tail 0.25 --no-refine`) gives the
 avatar, its kept frames and the held-out tail. Every variant then refines a copy of that same avatar on the same
-kept frames for the same number of optimiser steps (steps, not seconds: the host is shared, so wall time is
-noisy; seconds per step are reported too) and is scored on the tail: PSNR/SSIM in the head region and dlib
+kept frames for the same number of optimiser steps (`--steps`: the host is shared, so wall time is noisy;
+seconds per step are reported too) or for the same wall time (`--seconds`, what a session's refinement budget
+is; the steps it reached are reported) and is scored on the tail: PSNR/SSIM in the head region and dlib
 identity distance. Writes benchmarks/results/refine_ablation.json.
 """
 from __future__ import annotations
@@ -38,6 +39,9 @@ VARIANTS: dict[str, dict] = {
     "lr_x0.5": {"lr_color": 1e-2, "lr_opacity": 2.5e-2, "lr_log_scale": 2.5e-3, "lr_offset": 1e-4,
                 "lr_rotation": 1e-3},
     "symmetry": {"weight_symmetry": 0.5},
+    "max_30k": {"max_gaussians": 30_000},
+    "max_20k": {"max_gaussians": 20_000},
+    "max_10k": {"max_gaussians": 10_000},
 }
 
 
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip", type=Path, default=REAL / "obama_address_512.mp4")
     ap.add_argument("--steps", type=int, default=150, help="optimiser steps per variant")
+    ap.add_argument("--seconds", type=float, help="wall seconds per variant instead of a step count")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--max-frames", type=int)
     ap.add_argument("--threads", type=int, default=1)
@@ -72,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(RefineConfig(), **VARIANTS[name])
         refiner = RefineSession(avatar.gaussians, model.prompts, model.head, config)
         t0 = time.perf_counter()
-        refiner.step(targets, iterations=args.steps)
+        if args.seconds:
+            steps = refiner.step(targets, seconds=args.seconds)["iterations"]
+        else:
+            steps = refiner.step(targets, iterations=args.steps)["iterations"]
         seconds = time.perf_counter() - t0
         refined = AvatarState(avatar.version + 1, refiner.gaussians(), avatar.shape, avatar.frames)
         scored = evaluate_holdout(model, samples, refined)
-        rows[name] = {**{k: scored[k] for k in metric_keys}, "overrides": VARIANTS[name],
-                      "seconds_per_step": round(seconds / args.steps, 4)}
+        rows[name] = {**{k: scored[k] for k in metric_keys}, "overrides": VARIANTS[name], "steps": steps,
+                      "seconds": round(seconds, 2), "seconds_per_step": round(seconds / steps, 4),
+                      "gaussians": len(refined.gaussians)}
         print(name, rows[name], flush=True)
-    out = {"clip": args.clip.name, "steps": args.steps, "kept_frames": len(targets), "held_out_scored": len(samples),
+    out = {"clip": args.clip.name, "steps": None if args.seconds else args.steps, "seconds": args.seconds, "kept_frames": len(targets), "held_out_scored": len(samples),
            "gaussians": len(avatar.gaussians), "variants": rows,
            "command": "python benchmarks/refine_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,

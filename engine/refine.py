@@ -54,6 +54,8 @@ class RefineConfig:
     weight_silhouette: |render alpha - matte| when the frames carry mattes. weight_symmetry: pulls the colour of
     an anchor no frame saw squarely towards the colour of its mirror anchor (across the head's left-right
     plane) when that one was seen better: a prior for the side of the head the camera never showed.
+    max_gaussians: the refiner works on at most this many of the avatar's Gaussians, the best-ranked ones (the
+    fuser's pruning order); fewer Gaussians make each step cheaper, so more steps fit a time budget (None: all).
     """
 
     batch_frames: int = 2
@@ -70,6 +72,7 @@ class RefineConfig:
     weight_scale: float = 10.0
     weight_silhouette: float = 0.3
     weight_symmetry: float = 0.0
+    max_gaussians: int | None = None
     backend: str = "auto"
     seed: int = 0
 
@@ -88,6 +91,8 @@ class RefineSession:
 
     def _reset(self, gaussians: GaussianSet) -> None:
         g = gaussians.detach()
+        if self.config.max_gaussians is not None and len(g) > self.config.max_gaussians:
+            g = g.prune(float("-inf"), self.config.max_gaussians)
         eps = 1e-4
         self._fixed = {"anchor": g.anchor, "importance": g.importance, "frame": g.frame, "uid": g.uid,
                        "seen": g.seen}

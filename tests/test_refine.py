@@ -126,3 +126,13 @@ def test_symmetry_prior_paints_an_unseen_side_like_the_seen_one():
     colors = session.gaussians().color
     assert torch.allclose(colors[:2], avatar.color[:2], atol=1e-3)  # the seen side keeps its colour
     assert (colors[2:] - red).abs().max() < (green - red).abs().max() / 2  # the unseen side moved towards it
+
+
+def test_a_refiner_budget_keeps_the_best_ranked_gaussians():
+    prompts, head = make_prompts(), RigidHead()
+    start = scene(8)
+    start.importance = torch.linspace(-2, 2, len(start))  # the last ones rank highest
+    session = RefineSession(start, prompts, head, RefineConfig(backend="cpu", max_gaussians=100))
+    refined = session.gaussians()
+    assert len(refined) == 100
+    assert torch.equal(refined.importance, start.importance[-100:])
