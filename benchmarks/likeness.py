@@ -21,7 +21,7 @@ Scores: PSNR and SSIM in the head region, and dlib's 128-d face-descriptor dista
 two frames of one clip 0.25-0.29, two videos of this person 0.34, another person 0.95).
 
 Writes benchmarks/results/likeness.json (--json), a markdown table next to it, and under --out-dir the replays'
-folders and per clip `comparison.png` (rows: held-out tail frames; columns: real | feed-forward | live at the
+folders (<clip>/tail_feedforward, tail_refine_20s, tail_live) and per clip `comparison.png` (rows: held-out tail frames; columns: real | feed-forward | live at the
 stream's end | live after lingering | refined 20 s | the other clip's refined avatar posed with this clip's
 tracking), `cross_video.png` (this clip's avatar on the other clip's frames) and `novel_views.png` (rows: the
 most frontal input frames; columns: the frame, the avatar at 0 degrees, then each angle).
@@ -60,7 +60,7 @@ def replay(clip: Path, name: str, args: argparse.Namespace, **options):
     """One replay of `clip` with the tail hold-out; returns the ReplayResult and its wall time."""
     from fastavatar_stream.replay import ReplayOptions, replay as run
 
-    opts = ReplayOptions(source=str(clip), out=args.out_dir / clip.stem / name, weights=args.weights,
+    opts = ReplayOptions(source=str(clip), out=args.out_dir / clip.stem / f"tail_{name}", weights=args.weights,
                          holdout_tail=args.tail, budget=args.gaussians, max_frames=args.max_frames,
                          detector=args.detector, progress=False, **options)
     print(f"likeness: {clip.name}: {name} ...", file=sys.stderr, flush=True)
