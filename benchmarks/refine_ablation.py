@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict] = {
     "max_30k": {"max_gaussians": 30_000},
     "max_20k": {"max_gaussians": 20_000},
     "max_10k": {"max_gaussians": 10_000},
+    "max_30k_lr_x2": {"max_gaussians": 30_000, "lr_color": 4e-2, "lr_opacity": 1e-1, "lr_log_scale": 1e-2,
+                      "lr_offset": 4e-4, "lr_rotation": 4e-3},
 }
 
 
