@@ -113,7 +113,7 @@ def cross_video(avatar_result, driver_result, out: Path) -> dict:
     samples = holdout_samples(driver_result.session, 48)
     scored = evaluate_holdout(avatar_result.model, samples, avatar_result.session.latest, out)
     return {**{k: scored.get(k) for k in SCORE_KEYS if k != "version"},
-            "version": avatar_result.session.latest.version, "driven_by": driver_result.session.name}
+            "version": avatar_result.session.latest.version, "driven_by": Path(driver_result.session.name).stem}
 
 
 def turned_viewmat(viewmat: torch.Tensor, centre: torch.Tensor, yaw_deg: float, pitch_deg: float) -> torch.Tensor:
@@ -265,7 +265,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="refinement budget of the live replay (large: the stream and the linger bound it)")
     ap.add_argument("--max-frames", type=int, help="replay at most this many frames of each clip")
     ap.add_argument("--gaussians", type=int, default=60_000, help="Gaussian budget per avatar")
-    ap.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"])
+    ap.add_argument("--landmarks", "--detector", dest="detector", default="auto",
+                    choices=["auto", "mediapipe", "dlib", "face-alignment"], help="tracker landmark backend")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS / "likeness", help="folder for PNGs and replays")
     ap.add_argument("--json", type=Path, default=RESULTS / "likeness.json", help="JSON summary")
