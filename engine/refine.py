@@ -26,6 +26,9 @@ class RefineFrames:
     images: (N,H,W,3) float in [0,1]; masks: optional (N,H,W,1) weights (1 inside the head region);
     cameras: N cameras of size W x H; params: FLAME parameters of each frame (batch N);
     background: (3,) colour the renders are composited on.
+    mattes: optional (N,H,W,1) head mattes in [0,1] from the tracker; with them the images are the heads
+      composited on `background` like the renders, so whole images are compared (the silhouette included)
+      and the render's alpha is fitted to the matte.
     """
 
     images: torch.Tensor
@@ -33,6 +36,7 @@ class RefineFrames:
     params: FlameParams
     masks: torch.Tensor | None = None
     background: torch.Tensor = field(default_factory=lambda: torch.ones(3))
+    mattes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -45,7 +49,14 @@ class RefineFrames:
 
 @dataclass
 class RefineConfig:
-    """Learning rates (Adam) and regulariser weights. Positions are in metres."""
+    """Learning rates (Adam) and regulariser weights. Positions are in metres.
+
+    weight_silhouette: |render alpha - matte| when the frames carry mattes. weight_symmetry: pulls the colour of
+    an anchor no frame saw squarely towards the colour of its mirror anchor (across the head's left-right
+    plane) when that one was seen better: a prior for the side of the head the camera never showed.
+    max_gaussians: the refiner works on at most this many of the avatar's Gaussians, the best-ranked ones (the
+    fuser's pruning order); fewer Gaussians make each step cheaper, so more steps fit a time budget (None: all).
+    """
 
     batch_frames: int = 2
     lr_offset: float = 2e-4
@@ -59,6 +70,9 @@ class RefineConfig:
     offset_margin: float = OFFSET_MARGIN / 4
     max_scale: float = 0.01
     weight_scale: float = 10.0
+    weight_silhouette: float = 0.3
+    weight_symmetry: float = 0.0
+    max_gaussians: int | None = None
     backend: str = "auto"
     seed: int = 0
 
@@ -72,10 +86,13 @@ class RefineSession:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.steps = 0
         self.last_loss = float("nan")
+        self._mirror = mirror_anchors(prompts.v_template) if self.config.weight_symmetry > 0 else None
         self._reset(gaussians)
 
     def _reset(self, gaussians: GaussianSet) -> None:
         g = gaussians.detach()
+        if self.config.max_gaussians is not None and len(g) > self.config.max_gaussians:
+            g = g.prune(float("-inf"), self.config.max_gaussians)
         eps = 1e-4
         self._fixed = {"anchor": g.anchor, "importance": g.importance, "frame": g.frame, "uid": g.uid,
                        "seen": g.seen}
@@ -118,14 +135,33 @@ class RefineSession:
         out = self.render_frames(frames, index)
         target = frames.images[index]
         pred = out["rgb"]
-        if frames.masks is not None:
+        loss = torch.zeros(())
+        if frames.mattes is not None:
+            loss = c.weight_silhouette * (out["alpha"] - frames.mattes[index]).abs().mean()
+        elif frames.masks is not None:
             m = frames.masks[index]
             bg = frames.background.view(1, 1, 1, 3)
             pred, target = pred * m + bg * (1 - m), target * m + bg * (1 - m)
-        loss = c.weight_l1 * (pred - target).abs().mean() + c.weight_ssim * ssim_loss(pred, target)
+        loss = loss + c.weight_l1 * (pred - target).abs().mean() + c.weight_ssim * ssim_loss(pred, target)
+        if self._mirror is not None and self._fixed["seen"] is not None:
+            loss = loss + c.weight_symmetry * self._symmetry_loss()
         offset_excess = (self.params["offset"].norm(dim=-1) - c.offset_margin).clamp_min(0)
         scale_excess = (self.params["log_scale"].exp() - c.max_scale).clamp_min(0)
         return loss + c.weight_offset * offset_excess.mean() + c.weight_scale * scale_excess.mean()
+
+    def _symmetry_loss(self) -> torch.Tensor:
+        """Colour of each Gaussian vs the (fixed) mean colour of its mirror anchor, weighted by how much better
+        the mirror anchor was seen than its own."""
+        anchor, seen = self._fixed["anchor"], self._fixed["seen"]
+        color = torch.sigmoid(self.params["color_logit"])
+        n = self._mirror.numel()
+        best_seen = torch.zeros(n).scatter_reduce(0, anchor, seen, reduce="amax")
+        totals = torch.zeros(n, 3).index_add(0, anchor, color.detach())
+        counts = torch.zeros(n).index_add(0, anchor, torch.ones_like(seen)).clamp_min(1)
+        mean = totals / counts[:, None]
+        mirror = self._mirror[anchor]
+        weight = (best_seen[mirror] - best_seen[anchor]).clamp_min(0)
+        return (weight[:, None] * (color - mean[mirror]).abs()).mean()
 
     def step(self, frames: RefineFrames, *, iterations: int | None = None, seconds: float | None = None,
              stop: Callable[[], bool] | None = None) -> dict[str, float]:
@@ -169,6 +205,13 @@ class RefineSession:
                 pred, target = pred * m + bg * (1 - m), target * m + bg * (1 - m)
             values.append(float(psnr(pred, target).mean()))
         return {"psnr": sum(values) / len(values)}
+
+
+def mirror_anchors(points: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """(P,) index of the point nearest to each point's mirror image across x = 0 (FLAME's left-right plane)."""
+    mirrored = points * torch.tensor([-1.0, 1.0, 1.0], dtype=points.dtype)
+    return torch.cat([torch.cdist(mirrored[i:i + chunk], points).argmin(dim=1)
+                      for i in range(0, len(points), chunk)])
 
 
 def refine(gaussians: GaussianSet, frames: RefineFrames, prompts, head, *, iterations: int | None = None,

@@ -269,7 +269,7 @@ class Daemon:
             except Exception:
                 log.debug("closing source failed", exc_info=True)
             self.worker.remove_session(session.id)
-            session.report.finish(session.timer)
+            session.report.finish(session.timer, t=session.t_work_done)
             self._write_snapshot(session)
             log.info("session %s %s: %d frames, %d windows, version %d%s", session.id, session.state,
                      session.report.frames_read, session.windows_done,
@@ -287,14 +287,23 @@ class Daemon:
                 time.sleep(0.002)  # replay back-pressure: wait for the engine, never skip a window
 
     async def _drain(self, session: Session) -> None:
-        """Wait until the engine has taken every window and spent the session's refinement budget, and every
-        version it handed over is installed (engines hand a version over before they count its work done)."""
-        while session.state == "running":
-            installed = session.latest.version if session.latest is not None else 0
-            if (session.engine_idle() and not session.wants_refinement()
-                    and installed >= self._handed_over.get(session.id, 0)):
-                return
+        """Wait until the engine has done every window and every version it handed over is installed (engines hand
+        a version over before they count its work done); then a replay spends the rest of its refinement budget
+        (a live stream ends here: what it shows at its end is what it has); then the session lingers `linger_s`
+        seconds, refining while its budget lasts."""
+        while session.state == "running" and not (session.engine_idle() and self._installed_all(session)):
             await asyncio.sleep(0.01)
+        session.mark_stream_end()
+        while session.state == "running" and not session.options.live and (
+                session.wants_refinement() or not self._installed_all(session)):
+            await asyncio.sleep(0.01)
+        session.t_work_done = time.time()  # the report's wall time ends here, lingering is not work
+        if session.options.linger_s > 0 and session.state == "running":
+            await asyncio.sleep(session.options.linger_s)
+
+    def _installed_all(self, session: Session) -> bool:
+        installed = session.latest.version if session.latest is not None else 0
+        return installed >= self._handed_over.get(session.id, 0)
 
     # -- versions (worker thread -> loop) ---------------------------------------------------------------------
     def _on_version(self, session: Session, version: AvatarState, t_capture: float) -> None:

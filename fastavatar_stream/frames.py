@@ -71,6 +71,7 @@ class Window:
     """Up to 16 sparse frames for one LGRT pass plus a FramePack pool of other frames.
 
     overlap: indices into `frames` of frames shared with the previous window.
+    coverage_gain: fraction of its new frames whose head pose no earlier window covered.
     """
 
     session: str
@@ -79,3 +80,4 @@ class Window:
     overlap: list[int] = field(default_factory=list)
     pool: list[TrackedFrame] = field(default_factory=list)
     stride: int = 0
+    coverage_gain: float = 1.0

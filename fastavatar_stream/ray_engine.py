@@ -423,12 +423,12 @@ class RayEngineWorker(threading.Thread):
             session.window_folded(call.window)
             self.windows_done += 1
             self.on_version(session, version, max(f.t_capture for f in call.window.frames))
-            session.window_finished()
+            session.window_finished(time.perf_counter() - call.t_start, version.version)
         else:
             actor.targets[session.id] = call.job.key
             # handed over before the burst counts as spent: the daemon's drain waits for what was handed over
             self.on_version(session, version, time.time())
-            session.refinement_spent(call.t_start, time.perf_counter())
+            session.refinement_spent(call.t_start, time.perf_counter(), version.version)
 
     def _job_failed(self, call: _Call, exc: Exception) -> None:
         session = call.session

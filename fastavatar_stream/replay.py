@@ -3,13 +3,20 @@
 `DIR/avatar.ply` (final avatar, world space at the neutral pose), `DIR/avatar.npz` (the same avatar, drivable:
 canonical Gaussians and rig, see `protocols.animation`), `DIR/report.json` (counts, per-stage
 timings, latency, real-time factor), `DIR/preview.png` (the avatar from 8 views beside input frames) and, with
-a holdout, `DIR/holdout.png` (held-out real frames beside the avatar rendered with their tracked pose).
+a hold-out, `DIR/holdout.png` (held-out real frames beside the avatar rendered with their tracked pose).
+
+Two hold-outs: every K-th frame (`holdout`, close to interpolation: its neighbours are reconstructed) and the
+tail of the stream (`holdout_tail`, a fraction: the avatar is built from the first part and scored on a
+stretch it never saw). Held-out frames never enter a window, a FramePack pool or refinement. The report scores
+the final avatar (`holdout`) and, in `holdout_timeline`, the avatar as it was when the stream ended and every
+`TIMELINE_EVERY_S` seconds of lingering after it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.avatar_model import AvatarModel
 from engine.errors import InputError
+from engine.fusion import AvatarState
 from fastavatar_stream.daemon import Daemon, DaemonConfig
-from fastavatar_stream.session import Session, SessionOptions
+from fastavatar_stream.session import RefineSample, Session, SessionOptions
 
 log = logging.getLogger(__name__)
+
+#: while a session lingers after its stream, its avatar is scored again this often (seconds)
+TIMELINE_EVERY_S = 10.0
 
 
 @dataclass
@@ -33,6 +45,8 @@ class ReplayOptions:
     publish: str | None = None
     control: str | None = None
     holdout: int = 0
+    holdout_tail: float = 0.0
+    holdout_max_frames: int = 48
     refine_seconds: float = 0.0
     budget: int = 60_000
     max_frames: int | None = None
@@ -44,28 +58,91 @@ class ReplayOptions:
     device: str = "cpu"
 
 
+@dataclass
+class ReplayResult:
+    """What a replay leaves behind in memory: the report dict, the ended session (its avatar, kept and held-out
+    frames), the model that built it and the avatar as it was at the stream's end and while lingering."""
+
+    report: dict
+    session: Session
+    model: AvatarModel
+    timeline: list[tuple[float, AvatarState | None]]  # (seconds after the stream's end, avatar then)
+
+
 async def run_replay(opts: ReplayOptions) -> dict:
     """Replay `opts.source`; returns the report dict (also written to DIR/report.json)."""
+    return (await replay(opts)).report
+
+
+async def replay(opts: ReplayOptions) -> ReplayResult:
+    """Replay `opts.source` and write DIR's files; returns the report with the session and model."""
     from fastavatar_stream.sources import open_source
 
     source = open_source(opts.source, realtime=opts.realtime)
     options = SessionOptions(live=opts.realtime, budget=opts.budget, holdout=opts.holdout,
-                             refine_seconds=opts.refine_seconds, max_frames=opts.max_frames,
-                             detector=opts.detector, fov_degrees=opts.fov_degrees, fusion=opts.fusion)
+                             holdout_from=tail_start(source, opts), refine_seconds=opts.refine_seconds,
+                             max_frames=opts.max_frames, detector=opts.detector, fov_degrees=opts.fov_degrees,
+                             fusion=opts.fusion, linger_s=opts.linger_s)
     daemon = Daemon(DaemonConfig(weights=opts.weights, device=opts.device, publish=opts.publish,
                                  control=opts.control))
     await daemon.start()
     try:
         session_id = await daemon.open_session(source, name=str(opts.source), options=options)
         progress = _progress(daemon, session_id, source) if opts.progress else None
+        marks: list[tuple[float, AvatarState | None]] = []
+        timeline = asyncio.create_task(_timeline(daemon.sessions[session_id], marks))
         session = await daemon.wait_session(session_id)
+        timeline.cancel()
+        if session.stream_end is not None:
+            marks.insert(0, (0.0, session.stream_end[1]))
         if progress is not None:
             progress.cancel()
-        if opts.linger_s > 0:  # keep serving snapshots a little (late subscribers in tests/demos)
-            await asyncio.sleep(opts.linger_s)
-        return await asyncio.get_running_loop().run_in_executor(None, _write_outputs, daemon, session, opts)
+        report = await asyncio.get_running_loop().run_in_executor(None, _write_outputs, daemon, session, opts,
+                                                                  marks)
+        return ReplayResult(report, session, daemon.model, marks)
     finally:
         await daemon.shutdown()
+
+
+def tail_start(source, opts: ReplayOptions) -> int | None:
+    """First frame index of the tail hold-out (None without one): the last `holdout_tail` of the frames the
+    replay will read."""
+    if not opts.holdout_tail:
+        return None
+    total = source_length(source)
+    if opts.max_frames:
+        total = min(total, opts.max_frames) if total else opts.max_frames
+    if not total:
+        raise InputError(f"{opts.source}: --holdout-tail needs a source of known length (a video file or folder)")
+    start = int(round(total * (1.0 - opts.holdout_tail)))
+    if not 0 < start < total:
+        raise InputError(f"--holdout-tail {opts.holdout_tail:g} leaves no frames to build from or none to score "
+                         f"on in {total} frames")
+    return start
+
+
+def source_length(source) -> int | None:
+    """Frames (time steps for a multi-view capture) the source will deliver, when it says."""
+    if getattr(source, "steps", None) is not None:
+        return len(source.steps)
+    if isinstance(getattr(source, "files", None), list):
+        return len(source.files)
+    n = getattr(source, "n_frames", None)
+    if n:
+        return int(n)
+    duration, fps = getattr(source, "duration", None), getattr(source, "fps", None)
+    return int(round(duration * fps)) if duration and fps else None
+
+
+async def _timeline(session: Session, marks: list[tuple[float, AvatarState | None]]) -> None:
+    """Append (seconds after the stream's end, avatar version) every TIMELINE_EVERY_S while the session lingers
+    (the avatar at the end itself is `session.stream_end`)."""
+    while session.stream_end is None:
+        await asyncio.sleep(0.05)
+    t_end = session.stream_end[0]
+    while True:
+        await asyncio.sleep(TIMELINE_EVERY_S - (time.time() - t_end) % TIMELINE_EVERY_S)
+        marks.append((round(time.time() - t_end, 1), session.latest))
 
 
 def _progress(daemon: Daemon, session_id: str, source) -> asyncio.Task:
@@ -88,7 +165,8 @@ def _progress(daemon: Daemon, session_id: str, source) -> asyncio.Task:
     return asyncio.create_task(tick())
 
 
-def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dict:
+def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions,
+                   marks: list[tuple[float, AvatarState | None]]) -> dict:
     from protocols.animation import save_avatar
     from protocols.ply import save_ply
 
@@ -115,17 +193,26 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions) -> dic
              "model": model.network.cfg.name, "weights": str(opts.weights or "default"),
              "windower": vars(session.windower.stats), "input": input_preparation(model, session),
              **window_log(session)}
-    if opts.holdout and session.holdout:
-        extra_holdout = evaluate_holdout(model, session, out / "holdout.png")
-        report.extra["holdout"] = extra_holdout
+    if (opts.holdout or opts.holdout_tail) and session.holdout:
+        samples = holdout_samples(session, opts.holdout_max_frames)
+        scored = evaluate_holdout(model, samples, session.latest, out / "holdout.png")
+        scored.update(kind="tail" if opts.holdout_tail else "every_kth", every_k=opts.holdout or None,
+                      tail_from_frame=session.options.holdout_from, frames_held_out=len(session.holdout),
+                      version=session.latest.version)
+        report.extra["holdout"] = scored
+        report.extra["holdout_timeline"] = [
+            {"after_end_s": after, "version": version.version,
+             **{k: v for k, v in evaluate_holdout(model, samples, version).items() if k != "per_frame"}}
+            for after, version in marks if version is not None]
     write_preview(model, session, out / "preview.png")
     report.extra.update(extra)
     data = report.to_dict()
     data["versions_published"] = list(report.versions)
     data["versions"] = len(report.versions)
     data["n_gaussians_final"] = report.n_gaussians[-1] if report.n_gaussians else 0
-    if "holdout" in data["extra"]:
-        data["holdout"] = data["extra"]["holdout"]  # NaN-free copy (to_dict maps NaN to None)
+    for key in ("holdout", "holdout_timeline"):
+        if key in data["extra"]:
+            data[key] = data["extra"][key]
     (out / "report.json").write_text(__import__("json").dumps(data, indent=2))
     return data
 
@@ -140,17 +227,30 @@ def input_preparation(model, session: Session) -> dict:
             "crop_scale": preparer.scale, "size": preparer.size, "matte": matte, "fusion": session.options.fusion}
 
 
+def holdout_samples(session: Session, limit: int) -> list[RefineSample]:
+    """At most `limit` held-out frames with a FLAME fit, evenly spread over the hold-out (scoring is slow)."""
+    samples = [s for s in session.holdout if s.frame.flame is not None]
+    if len(samples) <= limit:
+        return samples
+    keep = np.linspace(0, len(samples) - 1, limit).round().astype(int)
+    return [samples[i] for i in sorted(set(keep.tolist()))]
+
+
 def window_log(session: Session) -> dict:
-    """Per-window frames and ready -> engine wait, and refinement burst lengths (seconds)."""
+    """Per-window frames, coverage gain and ready -> engine wait, the frames refinement fits, what made each
+    version, how the engine's time was split, and refinement burst lengths (seconds)."""
     from fastavatar_stream.timing import percentiles
 
     timings = list(session.window_timings)
     bursts = [end - start for start, end in list(session.refine_bursts)]
     return {
         "window_log": [{"index": t.index, "frames": list(t.frames), "pool": list(t.pool),
-                        "wait_s": round(t.wait, 4),
+                        "wait_s": round(t.wait, 4), "coverage_gain": round(t.coverage_gain, 3),
                         "engine_s": round(t.t_done - t.t_started, 4) if t.t_done is not None else None}
                        for t in timings],
+        "refine_frames": [s.index for s in session.refine_pool],
+        "version_log": list(session.version_log),  # per version: made by a window or by refinement
+        "engine_split": session.engine_split(),
         "window_wait": percentiles([t.wait for t in timings]),
         "refine_bursts": {"n": len(bursts), **percentiles(bursts), "max": max(bursts) if bursts else None},
     }
@@ -194,30 +294,20 @@ def write_preview(model, session: Session, path: Path, size: int = 256) -> Path:
     return path
 
 
-def evaluate_holdout(model, session: Session, path: Path) -> dict:
-    """Render the avatar with each held-out frame's tracked pose and camera; PSNR/SSIM in the head region and
-    dlib identity distance where a face is found in both images. Writes real-vs-rendered pairs to `path`."""
-    from fastavatar_stream.views import refine_frames
-    from engine.refine import RefineSession
-
-    samples = [s for s in session.holdout if s.frame.flame is not None]
+def evaluate_holdout(model, samples: list[RefineSample], version: AvatarState, path: Path | None = None) -> dict:
+    """Render `version`'s avatar with each held-out frame's tracked pose and camera; PSNR/SSIM in the head region
+    and dlib identity distance where a face is found in both images. Writes real-vs-rendered pairs to `path`."""
     if not samples:
         return {"frames": [], "psnr": None, "ssim": None, "identity_distance": None}
-    frames = refine_frames(samples, model)
-    renderer = RefineSession(session.latest.gaussians, model.prompts, model.head)
-    psnrs, ssims, renders = [], [], []
-    with torch.no_grad():
-        for i in range(len(samples)):
-            idx = torch.tensor([i])
-            pred = renderer.render_frames(frames, idx, session.latest.gaussians)["rgb"][0]
-            psnrs.append(region_psnr(pred, frames.images[i], frames.masks[i]))
-            ssims.append(region_ssim(pred, frames.images[i], frames.masks[i]))
-            renders.append(pred)
-    real_u8 = [(frames.images[i].numpy() * 255).round().astype(np.uint8) for i in range(len(samples))]
-    fake_u8 = [(r.clamp(0, 1).numpy() * 255).round().astype(np.uint8) for r in renders]
+    real, fake, frames = holdout_renders(model, samples, version)
+    psnrs = [region_psnr(fake[i], frames.images[i], frames.masks[i]) for i in range(len(samples))]
+    ssims = [region_ssim(fake[i], frames.images[i], frames.masks[i]) for i in range(len(samples))]
+    real_u8, fake_u8 = to_u8(real), to_u8(fake)
     distance = identity_distances(real_u8, fake_u8)
-    pairs = [np.concatenate([a, b], axis=1) for a, b in zip(real_u8[:6], fake_u8[:6])]
-    Image.fromarray(np.concatenate(pairs, axis=0)).save(path)
+    if path is not None:
+        shown = np.linspace(0, len(samples) - 1, min(6, len(samples))).round().astype(int)
+        pairs = [np.concatenate([real_u8[i], fake_u8[i]], axis=1) for i in shown]
+        Image.fromarray(np.concatenate(pairs, axis=0)).save(path)
     faces = [i for i, d in enumerate(distance) if d is not None]
     return {"frames": [s.index for s in samples], "psnr": _mean(psnrs), "ssim": _mean(ssims),
             "identity_distance": _mean([distance[i] for i in faces]), "identity_pairs": len(faces),
@@ -225,6 +315,23 @@ def evaluate_holdout(model, session: Session, path: Path) -> dict:
             "psnr_face_pairs": _mean([psnrs[i] for i in faces]), "ssim_face_pairs": _mean([ssims[i] for i in faces]),
             "per_frame": [{"frame": s.index, "psnr": p, "ssim": q, "identity_distance": d}
                           for s, p, q, d in zip(samples, psnrs, ssims, distance)]}
+
+
+@torch.no_grad()
+def holdout_renders(model, samples: list[RefineSample], version: AvatarState):
+    """(real crops, renders of `version` with their tracked pose and camera, the RefineFrames): (H,W,3) in [0,1]."""
+    from fastavatar_stream.views import refine_frames
+    from engine.refine import RefineSession
+
+    frames = refine_frames(samples, model)
+    renderer = RefineSession(version.gaussians, model.prompts, model.head)
+    renders = [renderer.render_frames(frames, torch.tensor([i]), version.gaussians)["rgb"][0]
+               for i in range(len(samples))]
+    return list(frames.images), renders, frames
+
+
+def to_u8(images: list[torch.Tensor]) -> list[np.ndarray]:
+    return [(im.clamp(0, 1).numpy() * 255).round().astype(np.uint8) for im in images]
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.fusion import AvatarState, IncrementalFuser
 from fastavatar_stream.frames import TrackedFrame, Window
-from fastavatar_stream.prepare import FramePreparer, PreparedFrame
+from fastavatar_stream.prepare import FramePreparer, PreparedFrame, crop_resize
 from fastavatar_stream.timing import StageTimer
 from fastavatar_stream.report import ReplayReport
 from fastavatar_stream.windowing import Windower
@@ -31,11 +31,20 @@ class SessionOptions:
     live: a live stream (camera/WebRTC, or --realtime replay): windows are cut when the engine is free, so the
       stride grows instead of falling behind; otherwise every scheduled window is processed.
     budget: most Gaussians the avatar keeps. holdout: every K-th frame is kept out of reconstruction and
-    refinement for evaluation (0: none). refine_seconds: total refinement time for this session (0: off).
+    refinement for evaluation (0: none). holdout_from: every frame from this index on is kept out (a tail
+    hold-out: the avatar is scored on a stretch of the stream it never saw; None: none).
+    refine_seconds: total refinement time for this session (0: off).
+    linger_s: after the stream ends and its windows are done, the session stays open this long (refinement goes
+      on while its budget lasts; subscribers can still ask for snapshots).
     max_frames: stop after this many source frames (None: the whole stream).
     fusion: "visibility" (each copy of an anchor weighs by how squarely its frame saw it) or "concat" (the paper's
       plain concatenation, every copy at its predicted opacity, pruned by importance); None: the model's default
       (`AvatarModel.default_fusion`, set when the daemon opens the session).
+    refine_share_max: live mode: the largest share of this session's engine time refinement may take from
+      windows. The next window waits while refinement since the last window is short of
+      share / (1 - share) x the last window's engine time, share = min(refine_share_max, 1 - coverage gain):
+      a window that would show the avatar new head poses goes at once, one that adds little waits for
+      refinement (see `window_deferred`).
     refine_burst_seconds: length of one refinement burst on the engine worker (a ready window waits at most
       about this long, usually one optimiser step). refine_pool_size: most tracked frames the refiner fits
       against (spread over the session). max_timings: window/burst timing records kept.
@@ -44,8 +53,10 @@ class SessionOptions:
     live: bool = False
     budget: int = 60_000
     holdout: int = 0
+    holdout_from: int | None = None
     refine_seconds: float = 0.0
     refine_burst_seconds: float = 0.25
+    refine_share_max: float = 0.8
     refine_pool_size: int = 24
     max_frames: int | None = None
     fusion: str | None = None
@@ -54,6 +65,7 @@ class SessionOptions:
     max_ready_windows: int = 2
     max_prepared: int = 512
     max_timings: int = 2_000
+    linger_s: float = 0.0
 
 
 @dataclass
@@ -66,6 +78,7 @@ class WindowTiming:
     t_started: float
     frames: tuple[int, ...] = ()  # indices of the window's sparse frames
     pool: tuple[int, ...] = ()    # indices of its FramePack pool frames
+    coverage_gain: float = 1.0    # fraction of its new frames in head poses no earlier window covered
     t_done: float | None = None
 
     @property
@@ -75,11 +88,13 @@ class WindowTiming:
 
 @dataclass
 class RefineSample:
-    """A tracked frame kept for refinement/evaluation: the model-size crop and its camera."""
+    """A tracked frame kept for refinement/evaluation: the model-size crop and its camera, and the tracker's
+    head matte cut to the same crop ((S,S) float32 in [0,1]) when the tracker gave one."""
 
     index: int
     frame: TrackedFrame
     prepared: PreparedFrame
+    matte: np.ndarray | None = None
 
 
 class Session:
@@ -105,6 +120,10 @@ class Session:
         self.frames_tracked = 0
         self.frames_unusable = 0
         self.refine_spent = 0.0
+        self.pose_latency_s: float | None = None  # capture -> tracked, newest frame: how late its pose is
+        self.window_spent = 0.0
+        self.last_window_s = 0.0          # engine time of the last window
+        self.refine_since_window = 0.0    # refinement engine time since the last window
         self.refine_dirty = False  # a window changed the avatar since the refiner last started from it
         self.refine_stopped = False  # refinement failed once: off for the rest of the session
         self.lock = threading.RLock()
@@ -117,18 +136,23 @@ class Session:
         # bounded: a daemon session may run for hours
         self.window_timings: deque[WindowTiming] = deque(maxlen=options.max_timings)
         self.refine_bursts: deque[tuple[float, float]] = deque(maxlen=options.max_timings)  # perf_counter spans
+        self.version_log: deque[dict] = deque(maxlen=options.max_timings)  # what made each version
         self._ready_times: deque[float] = deque()  # when each window of _ready was queued (replay mode)
         self._t_live_ready: float | None = None  # when the live windower last became due
+        # the avatar when the stream ended and its windows were done (before any lingering refinement)
+        self.stream_end: tuple[float, AvatarState | None] | None = None  # (time.time(), version)
+        self.t_work_done: float | None = None  # time.time() when windows and the replay's refinement were done
 
     # -- tracking side (tracking thread) ---------------------------------------------------------------------
     def is_holdout(self, index: int) -> bool:
-        k = self.options.holdout
-        return k > 0 and index % k == k - 1
+        k, tail = self.options.holdout, self.options.holdout_from
+        return (k > 0 and index % k == k - 1) or (tail is not None and index >= tail)
 
     def add_tracked(self, frame: TrackedFrame) -> None:
         """Account for a tracked frame and feed it to the windower (holdout frames are set aside)."""
         with self.lock:
             self.frames_tracked += 1
+            self.pose_latency_s = time.time() - frame.t_capture if frame.t_capture else None
             if not frame.usable:
                 self.frames_unusable += 1
                 self.windower.stats.frames_in += 1
@@ -137,7 +161,7 @@ class Session:
             with self.timer.time("prepare"):
                 prepared = self.preparer.prepare(frame)
             if self.is_holdout(frame.index):
-                self.holdout.append(RefineSample(frame.index, light_frame(frame), prepared))
+                self.holdout.append(_sample(frame, prepared))
                 return
             self._prepared[frame.index] = prepared
             while len(self._prepared) > self.options.max_prepared:
@@ -175,9 +199,17 @@ class Session:
         with self.lock:
             if self._ready:
                 return min(f.t_capture for f in self._ready[0].frames)
-        if self.options.live:
+        if self.options.live and not self.window_deferred():
             return self.windower.oldest_ready_capture()
         return None
+
+    def window_deferred(self) -> bool:
+        """Live: the next window waits so that refinement gets the engine share its coverage gain leaves (see
+        SessionOptions.refine_share_max). The first windows (a fast first avatar) never wait."""
+        if self.windows_done < len(self.windower.early) or not self.wants_refinement():
+            return False
+        share = min(self.options.refine_share_max, 1.0 - self.windower.coverage_gain())
+        return self.refine_since_window < self.last_window_s * share / (1.0 - share) - 1e-9
 
     def take_window(self) -> Window | None:
         """The next window for the engine; the caller must call `window_finished()` when done with it."""
@@ -195,14 +227,30 @@ class Session:
                 self.in_flight += 1
                 self.window_timings.append(WindowTiming(window.index, t_ready, now,
                                                         tuple(f.index for f in window.frames),
-                                                        tuple(f.index for f in window.pool)))
+                                                        tuple(f.index for f in window.pool), window.coverage_gain))
             return window
 
-    def window_finished(self) -> None:
+    def window_finished(self, engine_s: float = 0.0, version: int | None = None) -> None:
+        """The engine is done with the window it took after `engine_s` seconds (version: what it made, None when
+        it failed or was given up)."""
         with self.lock:
             self.in_flight -= 1
-            if self.window_timings and self.window_timings[-1].t_done is None:
-                self.window_timings[-1].t_done = time.perf_counter()
+            timing = self.window_timings[-1] if self.window_timings else None
+            if timing is not None and timing.t_done is None:
+                timing.t_done = time.perf_counter()
+            self.window_spent += engine_s
+            self.last_window_s = engine_s
+            self.refine_since_window = 0.0
+            if version is not None:
+                self.version_log.append({"version": version, "made_by": "window", "engine_s": round(engine_s, 4),
+                                         "coverage_gain": round(timing.coverage_gain, 3) if timing else None})
+
+    def engine_split(self) -> dict:
+        """Engine seconds this session spent on windows and on refinement, and their shares."""
+        total = self.window_spent + self.refine_spent
+        return {"window_s": round(self.window_spent, 3), "refine_s": round(self.refine_spent, 3),
+                "refine_share": round(self.refine_spent / total, 3) if total else None,
+                "covered_pose_cells": self.windower.covered_cells}
 
     def engine_idle(self) -> bool:
         """No window waiting for or inside the engine."""
@@ -221,11 +269,15 @@ class Session:
             have = {s.index for s in self.refine_pool}
             for frame in window.frames:
                 if frame.index not in have:
-                    self.refine_pool.append(RefineSample(frame.index, light_frame(frame), self.prepared(frame)))
+                    self.refine_pool.append(_sample(frame, self.prepared(frame)))
             limit = self.options.refine_pool_size
             if len(self.refine_pool) > limit:
                 keep = np.linspace(0, len(self.refine_pool) - 1, limit).round().astype(int)
                 self.refine_pool = [self.refine_pool[i] for i in sorted(set(keep.tolist()))]
+
+    def mark_stream_end(self) -> None:
+        with self.lock:
+            self.stream_end = (time.time(), self.latest)
 
     def wants_refinement(self) -> bool:
         return (self.options.refine_seconds > 0 and not self.refine_stopped and self.latest is not None
@@ -246,11 +298,15 @@ class Session:
             dirty, self.refine_dirty = self.refine_dirty, False
         return dirty
 
-    def refinement_spent(self, start: float, end: float) -> None:
-        """One refinement burst ran from `start` to `end` (perf_counter seconds)."""
+    def refinement_spent(self, start: float, end: float, version: int | None = None) -> None:
+        """One refinement burst ran from `start` to `end` (perf_counter seconds) and made `version` (None: it
+        failed)."""
         with self.lock:
             self.refine_spent += end - start
+            self.refine_since_window += end - start
             self.refine_bursts.append((start, end))
+            if version is not None:
+                self.version_log.append({"version": version, "made_by": "refine", "engine_s": round(end - start, 4)})
 
     def stop_refinement(self, reason: str) -> None:
         """Refinement failed: the session goes on with feed-forward versions only (the reason is in its report)."""
@@ -271,7 +327,24 @@ class Session:
             "version": latest.version if latest else 0,
             "gaussians": len(latest.gaussians) if latest else 0,
             "refine_s": round(self.refine_spent, 3),
+            "pose_latency_ms": None if self.pose_latency_s is None else round(1000 * self.pose_latency_s, 1),
         }
+
+
+def _sample(frame: TrackedFrame, prepared: PreparedFrame) -> RefineSample:
+    return RefineSample(frame.index, light_frame(frame), prepared, crop_matte(frame, prepared))
+
+
+def crop_matte(frame: TrackedFrame, prepared: PreparedFrame) -> np.ndarray | None:
+    """The tracker's full-frame matte cut and resized like the frame's model crop, or the preparer's own matte."""
+    if prepared.alpha is not None:
+        return prepared.alpha
+    matte = frame.matte  # trackers without a segmenter give none
+    if matte is None or frame.image.size == 0:
+        return None
+    size = prepared.image.shape[-1]
+    grey = np.repeat((np.clip(matte, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    return crop_resize(grey, prepared.crop, size, fill=(0, 0, 0))[..., 0]
 
 
 def light_frame(frame: TrackedFrame) -> TrackedFrame:

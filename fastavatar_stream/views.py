@@ -48,11 +48,20 @@ def tracked_views(frames: list[TrackedFrame], prepared: list[PreparedFrame], mod
 
 def refine_frames(samples: list[RefineSample], model: AvatarModel) -> RefineFrames:
     """The refiner's targets: model-size crops of kept frames (N,S,S,3) with their cameras, FLAME rows and
-    head-region masks."""
+    head-region masks. When every sample has a matte, the crops are the matted heads composited on white like
+    the renders, the mattes go along, and the masks cover the matte too (a render that misses part of the head
+    or paints beyond it is scored for it)."""
     views = tracked_views([s.frame for s in samples], [s.prepared for s in samples], model)
-    frames = RefineFrames(views.images.permute(0, 2, 3, 1).contiguous(), views.cameras, views.params,
-                          background=torch.ones(3))
+    background = torch.ones(3)
+    images = views.images.permute(0, 2, 3, 1).contiguous()
+    mattes = None
+    if samples and all(s.matte is not None for s in samples):
+        mattes = torch.stack([torch.from_numpy(np.asarray(s.matte, np.float32)) for s in samples])[..., None]
+        images = images * mattes + background * (1 - mattes)
+    frames = RefineFrames(images, views.cameras, views.params, background=background, mattes=mattes)
     frames.masks = head_masks(model, frames)
+    if mattes is not None:
+        frames.masks = torch.maximum(frames.masks, (mattes > 0.5).float())
     return frames
 
 

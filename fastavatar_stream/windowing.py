@@ -13,6 +13,11 @@ yaw, pitch, jaw opening and expression plus a time term, always keeping the newe
 is current), and the rest go to the window's FramePack pool (bounded, most informative first). The
 strides used are kept in `Windower.strides`.
 
+Pose coverage: every frame that went into a window marks its head-pose cell (yaw and pitch of the head as its
+camera sees it, in cells of `coverage_cell`). `coverage_gain()` is the fraction of the pending frames whose
+cell no window covered yet: what the next window would add that the avatar has not seen. The engine worker
+uses it to weigh the next window against refinement.
+
 Usage:
 - replay (every window processed): `window = windower.push(frame)` returns a window whenever one is due.
 - live: `windower.add(frame)` on every frame; when the engine is free, `windower.take()` returns the next
@@ -106,6 +111,7 @@ class Windower:
 
     time_weight: weight of the time-spread term (normalised position in the candidate span) in the
     coverage features. max_pending: bound on frames waiting for the next window (live mode).
+    coverage_cell: side of a head-pose coverage cell in ~sin(yaw), ~sin(pitch) units.
     """
 
     session: str
@@ -116,6 +122,7 @@ class Windower:
     pool_size: int = 64
     time_weight: float = 0.3
     max_pending: int = 256
+    coverage_cell: float = 0.08
     stats: WindowerStats = field(default_factory=WindowerStats)
     strides: list[int] = field(default_factory=list)
 
@@ -132,6 +139,7 @@ class Windower:
         self._previous: list[TrackedFrame] = []   # sparse frames of the last window
         self._consumed = 0                        # usable frames that went into windows
         self._next_index = 0
+        self._covered: set[tuple[int, int]] = set()  # head-pose cells of frames that went into windows
         # the event loop adds frames while the engine worker takes windows
         self._lock = threading.RLock()
 
@@ -174,6 +182,21 @@ class Windower:
         """The next window if one is due (consumes every pending frame), else None."""
         with self._lock:
             return self._build() if self.ready() else None
+
+    def _cell(self, feats: np.ndarray) -> tuple[int, int]:
+        return int(np.floor(feats[0] / (_POSE_W * self.coverage_cell))), \
+            int(np.floor(feats[1] / (_POSE_W * self.coverage_cell)))
+
+    def coverage_gain(self) -> float:
+        """Fraction of the pending frames whose head-pose cell no window covered yet (0 when none pending)."""
+        with self._lock:
+            if not self._pending_feats:
+                return 0.0
+            return sum(self._cell(f) not in self._covered for f in self._pending_feats) / len(self._pending_feats)
+
+    @property
+    def covered_cells(self) -> int:
+        return len(self._covered)
 
     def oldest_ready_capture(self) -> float | None:
         """t_capture of the oldest pending frame when a window is due, else None (for oldest-first picking)."""
@@ -226,7 +249,9 @@ class Windower:
         over_ids = {id(f) for f in overlap_frames}
         window = Window(session=self.session, index=self._next_index, frames=frames,
                         overlap=[i for i, f in enumerate(frames) if id(f) in over_ids],
-                        pool=rest, stride=stride)
+                        pool=rest, stride=stride,
+                        coverage_gain=sum(self._cell(f) not in self._covered for f in cand_feats) / len(cand_feats))
+        self._covered.update(self._cell(f) for f in cand_feats)
         self._next_index += 1
         self._consumed += stride
         self._previous = frames

@@ -7,6 +7,9 @@ shape share one batched forward (on a GPU that is more windows per second; each 
 would get alone). When no window is ready it spends short bursts
 refining the avatar of a session that asked for it; a burst is short and ends after the optimiser step during
 which any session's window became ready, so a ready window waits at most one burst (usually one step).
+In live mode a session holds its next window back while that window would add little pose coverage and
+refinement has not had its share of the engine yet (`Session.window_deferred`), so a live avatar is refined
+too, and more so once the camera has shown every side it is going to show.
 A failure in one session's window ends that session, never the worker.
 """
 from __future__ import annotations
@@ -134,6 +137,7 @@ class EngineWorker(threading.Thread):
         """Prepare every picked window, run them (batched where shapes allow), fold each into its session."""
         start = time.perf_counter()
         requests = []
+        made: dict[str, int] = {}
         for session, window in picked:
             try:
                 with self._wake:
@@ -144,25 +148,29 @@ class EngineWorker(threading.Thread):
                 self._fail(session, window, exc)
         try:
             if requests:
-                self._forward_and_fold(requests)
+                made = self._forward_and_fold(requests)
         finally:
-            self.busy_s += time.perf_counter() - start
-            for session, _ in picked:
-                session.window_finished()
+            spent = time.perf_counter() - start
+            self.busy_s += spent
+            for session, _ in picked:  # a batch's engine time is shared equally by its windows
+                session.window_finished(spent / len(picked), made.get(session.id))
 
-    def _forward_and_fold(self, requests: list[tuple[Session, Window, SessionEngine, WindowRequest]]) -> None:
+    def _forward_and_fold(self, requests: list[tuple[Session, Window, SessionEngine, WindowRequest]]
+                          ) -> dict[str, int]:
+        """Run and fold the windows; returns the version each session got (sessions whose window failed: none)."""
         start = time.perf_counter()
+        made: dict[str, int] = {}
         try:
             results = self.model.windows_gaussians([r for *_, r in requests])
         except Exception as exc:
             if len(requests) == 1:
                 session, window, *_ = requests[0]
                 self._fail(session, window, exc)
-                return
+                return made
             log.warning("a batch of %d windows failed; running them one by one", len(requests), exc_info=True)
             for request in requests:
-                self._forward_and_fold([request])
-            return
+                made.update(self._forward_and_fold([request]))
+            return made
         elapsed = time.perf_counter() - start
         for key in {r.batch_key() for *_, r in requests}:
             self.batch_sizes[sum(r.batch_key() == key for *_, r in requests)] += 1
@@ -173,8 +181,10 @@ class EngineWorker(threading.Thread):
                 session.window_folded(window)
                 self.windows_done += 1
                 self.on_version(session, version, max(f.t_capture for f in window.frames))
+                made[session.id] = version.version
             except Exception as exc:
                 self._fail(session, window, exc)
+        return made
 
     @staticmethod
     def _fail(session: Session, window: Window, exc: BaseException) -> None:
@@ -186,6 +196,7 @@ class EngineWorker(threading.Thread):
         with self._wake:
             engine = self._engines[session.id]
         start = time.perf_counter()
+        version = None
         try:
             job = refine_job(session, session.options.refine_burst_seconds, engine.targets_key)
             version = engine.refine(self.model, job, session.timer, stop=self.window_waiting)
@@ -198,4 +209,4 @@ class EngineWorker(threading.Thread):
             self.busy_s += time.perf_counter() - start
         # handed over before the burst counts as spent: the daemon's drain waits for what was handed over
         self.on_version(session, version, time.time())
-        session.refinement_spent(start, time.perf_counter())
+        session.refinement_spent(start, time.perf_counter(), version.version)

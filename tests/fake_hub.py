@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,6 +47,7 @@ class FakeSession:
     buffer: AvatarBuffer
     frames: int = 0
     windows: int = 0
+    pose_latency_s: float | None = None
     subscribers: list = field(default_factory=list)
     task: asyncio.Task | None = None
     closed: bool = False
@@ -75,6 +77,7 @@ class FakeHub:
         try:
             async for frame in session.source.aiter():
                 session.frames += 1
+                session.pose_latency_s = time.time() - frame.t_capture  # "tracked" on arrival
                 self.frame_log.append((session.id, frame.pts, frame.image.shape))
                 if session.frames % self.frames_per_version == 0:
                     await self._publish(session, frame.t_capture)
@@ -113,4 +116,7 @@ class FakeHub:
 
     def session_stats(self, session_id: str) -> dict:
         s = self.sessions[session_id]
-        return {"frames": s.frames, "windows": s.windows, "gaussians": s.buffer.n_live, "version": s.buffer.version}
+        # the daemon's keys (frames_tracked, pose_latency_ms) and the short one older pages read
+        return {"frames": s.frames, "frames_tracked": s.frames, "windows": s.windows, "gaussians": s.buffer.n_live,
+                "version": s.buffer.version,
+                "pose_latency_ms": None if s.pose_latency_s is None else round(1000 * s.pose_latency_s, 1)}

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from engine.checkpoints import save_checkpoint
@@ -144,3 +145,82 @@ def test_a_failing_refiner_turns_refinement_off_for_its_session_only(clip, micro
     assert session.options.refine_seconds == 2.0  # the caller's options are not rewritten
     assert not session.wants_refinement()
     assert session.windows_done >= 3 and session.latest.version >= session.windows_done
+
+
+def used_frames(report: dict) -> set[int]:
+    """Every frame index that went into a window, a FramePack pool or refinement."""
+    used = set(report["extra"]["refine_frames"])
+    for window in report["extra"]["window_log"]:
+        used |= set(window["frames"]) | set(window["pool"])
+    return used
+
+
+@pytest.mark.parametrize("realtime", [False, True], ids=["replay", "realtime"])
+def test_tail_holdout_scores_a_stretch_the_avatar_never_saw(tmp_path, clip, micro_weights, realtime):
+    out = tmp_path / "out"
+    extra = ["--realtime", "--linger", "1"] if realtime else []
+    proc = subprocess.run(CLI + ["replay", str(clip), "--out", str(out), "--weights", str(micro_weights),
+                                 "--holdout-tail", "0.25", "--refine", "2", "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+    report = json.loads((out / "report.json").read_text())
+    holdout = report["holdout"]
+    tail_start = N_FRAMES - N_FRAMES // 4
+    assert holdout["kind"] == "tail" and holdout["tail_from_frame"] == tail_start
+    assert holdout["frames"] and min(holdout["frames"]) >= tail_start
+    used = used_frames(report)
+    assert used and max(used) < tail_start, "a held-out tail frame went into a window, a pool or refinement"
+    assert report["extra"]["refine_frames"], "refinement kept no frames"
+    assert isinstance(holdout["psnr"], float) and math.isfinite(holdout["psnr"])
+    assert -1.0 <= holdout["ssim"] <= 1.0
+    assert holdout["identity_distance"] is None or holdout["identity_distance"] >= 0
+    timeline = report["holdout_timeline"]
+    assert timeline[0]["after_end_s"] == 0.0 and timeline[0]["version"] <= holdout["version"]
+    assert (out / "holdout.png").is_file()
+    if realtime:  # live: the stream's end does not wait for the refinement budget; lingering refines
+        assert report["extra"]["session"]["refine_s"] > 0
+
+
+@pytest.mark.parametrize("fraction", ["1", "-0.1", "nan"])
+def test_tail_holdout_outside_zero_to_one_is_refused_with_one_line(tmp_path, clip, fraction):
+    proc = subprocess.run(CLI + ["replay", str(clip), "--out", str(tmp_path / "o"), "--holdout-tail", fraction],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--holdout-tail" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_tracker_matte_puts_kept_frames_on_white_like_the_renders(micro_weights):
+    import numpy as np
+
+    from engine.avatar_model import AvatarModel
+    from fastavatar_stream.frames import FlameFit, TrackedFrame
+    from fastavatar_stream.session import Session, SessionOptions
+    from fastavatar_stream.views import refine_frames
+
+    model = AvatarModel.load(str(micro_weights))
+    size = 96
+    image = np.zeros((size, size, 3), np.uint8)  # a black frame
+    matte = np.zeros((size, size), np.float32)
+    matte[:, : size // 2] = 1.0  # the "head" is the left half
+    fit = FlameFit(shape=np.zeros(10, np.float32), expression=np.zeros(10, np.float32),
+                   rotation=np.zeros(3, np.float32), neck=np.zeros(3, np.float32), jaw=np.zeros(3, np.float32), eyes=np.zeros(6, np.float32),
+                   translation=np.array([0, 0, 0.6], np.float32))
+    K = np.array([[size, 0, size / 2], [0, size, size / 2], [0, 0, 1]], np.float64)
+    frame = TrackedFrame(image=image, pts=0.0, index=0, K=K, viewmat=np.eye(4), flame=fit,
+                         landmarks=np.zeros((68, 3)), box=np.array([0.0, 0.0, size / 2.8, size / 2.8]) + size * 0.32)
+    frame.matte = matte  # trackers with a segmenter set it
+    session = Session("s", "t", SessionOptions(holdout_from=0), model.input_size, tracker=None,
+                      crop_scale=model.crop_scale)
+    session.add_tracked(frame)
+
+    sample = session.holdout[0]
+    assert sample.matte is not None and sample.matte.shape == (model.input_size,) * 2
+    frames = refine_frames([sample], model)
+    crop_matte = torch.from_numpy(sample.matte)
+    assert frames.mattes is not None
+    outside, inside = crop_matte < 0.01, crop_matte > 0.99
+    assert outside.any() and inside.any()
+    assert torch.allclose(frames.images[0][outside], torch.ones(3))  # off the matte: white, like a render
+    assert frames.images[0][inside].max() < 0.05                      # on it: the (black) frame
+    assert bool((frames.masks[0, ..., 0][inside] == 1).all())         # the scored region covers the matte

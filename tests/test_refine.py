@@ -72,3 +72,67 @@ def test_refined_set_keeps_identities():
     refined, _ = refine(start, make_frames(scene(6), prompts, head), prompts, head, iterations=1,
                         config=RefineConfig(backend="cpu"))
     assert torch.equal(refined.uid, start.uid)
+
+
+def test_with_mattes_refinement_fits_the_render_alpha_to_the_matte():
+    prompts, head = make_prompts(), RigidHead()
+    target = scene(7)
+    frames = make_frames(target, prompts, head)
+    with torch.no_grad():
+        frames.mattes = RefineSession(target, prompts, head, RefineConfig(backend="cpu")).render_frames(
+            frames, torch.arange(len(frames)), target)["alpha"]
+    start = target.clone()
+    start.opacity_logit = torch.full_like(start.opacity_logit, -2.0)  # far too transparent
+    session = RefineSession(start, prompts, head, RefineConfig(backend="cpu", weight_l1=0.0, weight_ssim=0.0,
+                                                               weight_silhouette=1.0))
+
+    def silhouette_error() -> float:
+        with torch.no_grad():
+            alpha = session.render_frames(frames, torch.arange(len(frames)))["alpha"]
+        return float((alpha - frames.mattes).abs().mean())
+
+    before = silhouette_error()
+    session.step(frames, iterations=40)
+    assert silhouette_error() < 0.5 * before
+
+
+def test_mirror_anchors_pair_each_point_with_its_reflection():
+    from engine.refine import mirror_anchors
+
+    left = torch.tensor([[0.05, 0.01, 0.02], [0.07, -0.03, 0.00], [0.00, 0.05, 0.09]])
+    points = torch.cat([left, left * torch.tensor([-1.0, 1.0, 1.0])])
+    mirror = mirror_anchors(points)
+    assert mirror.tolist()[:2] == [3, 4] and mirror.tolist()[3:5] == [0, 1]
+    assert mirror[2] in (2, 5)  # a point on the plane is its own mirror (or its duplicate)
+
+
+def test_symmetry_prior_paints_an_unseen_side_like_the_seen_one():
+    from linear_head import LinearPrompts
+
+    base = make_prompts(2)
+    prompts = LinearPrompts(torch.tensor([[0.05, 0.0, 0.0], [-0.05, 0.0, 0.0]]), base.shapedirs, base.exprdirs,
+                            base.lbs_weights)
+    head = RigidHead()
+    red, green = torch.tensor([0.9, 0.1, 0.1]), torch.tensor([0.1, 0.9, 0.1])
+    avatar = GaussianSet.from_activated(
+        anchor=torch.tensor([0, 0, 1, 1]), offset=torch.zeros(4, 3), rotation=torch.tensor([[1.0, 0, 0, 0]] * 4),
+        scale=torch.full((4, 3), 0.005), opacity=torch.full((4,), 0.8),
+        color=torch.stack([red, red, green, green]), importance=torch.ones(4), frame=0,
+        seen=torch.tensor([1.0, 0.9, 0.1, 0.05]))  # anchor 0 was seen squarely, its mirror anchor 1 barely
+    frames = make_frames(avatar, prompts, head, n=2)
+    config = RefineConfig(backend="cpu", weight_l1=0.0, weight_ssim=0.0, weight_symmetry=1.0)
+    session = RefineSession(avatar, prompts, head, config)
+    session.step(frames, iterations=150)
+    colors = session.gaussians().color
+    assert torch.allclose(colors[:2], avatar.color[:2], atol=1e-3)  # the seen side keeps its colour
+    assert (colors[2:] - red).abs().max() < (green - red).abs().max() / 2  # the unseen side moved towards it
+
+
+def test_a_refiner_budget_keeps_the_best_ranked_gaussians():
+    prompts, head = make_prompts(), RigidHead()
+    start = scene(8)
+    start.importance = torch.linspace(-2, 2, len(start))  # the last ones rank highest
+    session = RefineSession(start, prompts, head, RefineConfig(backend="cpu", max_gaussians=100))
+    refined = session.gaussians()
+    assert len(refined) == 100
+    assert torch.equal(refined.importance, start.importance[-100:])

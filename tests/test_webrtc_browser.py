@@ -134,6 +134,8 @@ async def _browser_session(url: str, y4m: Path, profile: Path, shot: Path) -> di
             ply = await cdp.evaluate("window.fastavatar.plyBytes().then(b => btoa(String.fromCharCode(...b.subarray(0, 4096))))")
             shot.write_bytes(base64.b64decode((await cdp.send("Page.captureScreenshot", {"format": "png"}))["data"]))
             state["ply_head"] = base64.b64decode(ply)
+            state["counters"] = await cdp.evaluate(
+                "Object.fromEntries([...document.querySelectorAll('.counters dd')].map(d => [d.id, d.textContent]))")
             state["console"] = cdp.console
             return state
     finally:
@@ -177,6 +179,9 @@ def test_page_streams_camera_and_renders_avatar(real_clip, tmp_path):
     assert state["snapshots"] >= 1 and state["gaps"] == 0, state
     assert state["gaussians"] > 0 and state["errors"] == [], state
     assert state["stats"].get("frames", 0) > 0, state
+    # the counters show the frames the session tracked and how late the newest tracked pose is
+    assert int(state["counters"]["frames"]) > 0, state["counters"]
+    assert state["counters"]["pose-latency"].endswith(" ms"), state["counters"]
     # the hub's frames came from the fake camera through the relay, timestamped by pts
     assert len(hub.frame_log) >= 10
     pts = [p for _, p, _ in hub.frame_log]

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                          "ROUTER endpoint, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--holdout", type=int, default=0, metavar="K",
                    help="keep every K-th frame out of reconstruction and refinement and evaluate on it")
+    p.add_argument("--holdout-tail", type=float, default=0.0, metavar="FRACTION",
+                   help="keep the last FRACTION of the frames (e.g. 0.25) out of reconstruction and refinement and "
+                        "evaluate on them: the avatar is scored on a stretch of the stream it never saw")
     refine = p.add_mutually_exclusive_group()
     refine.add_argument("--refine", type=float, metavar="SECONDS", default=None,
                         help=f"per-session refinement time budget (default: {DEMO_REFINE_SECONDS:g} s)")
@@ -53,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_landmarks_option(p)
     p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the camera in degrees")
     p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
-                   help="keep serving snapshots this long after the end (for late subscribers)")
+                   help="after the stream's last window, keep the session open this long: refinement goes on "
+                        "while its budget lasts and late subscribers still get snapshots; with a hold-out the "
+                        "avatar is scored at the stream's end and every 10 s of lingering")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -68,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--budget must be positive, got {args.budget}")
     if args.holdout < 0 or args.holdout == 1:
         raise InputError("--holdout K needs K >= 2 (every K-th frame is held out)")
+    if not (0.0 <= args.holdout_tail < 1.0):
+        raise InputError(f"--holdout-tail must be a fraction in [0, 1), got {args.holdout_tail:g}")
     source = args.source
     if args.demo:
         from fastavatar_stream.demo import make_demo_clip
@@ -81,13 +88,16 @@ def run(args: argparse.Namespace) -> int:
     if refine < 0:
         raise InputError("--refine must be >= 0 seconds")
     opts = ReplayOptions(source=source, out=args.out, weights=args.weights, realtime=args.realtime,
-                         publish=args.publish, control=args.control, holdout=args.holdout, refine_seconds=refine,
+                         publish=args.publish, control=args.control, holdout=args.holdout,
+                         holdout_tail=args.holdout_tail, refine_seconds=refine,
                          budget=args.budget, max_frames=args.max_frames, detector=args.landmarks,
                          fov_degrees=args.fov, progress=not args.no_progress and sys.stderr.isatty(),
                          linger_s=args.linger, fusion=args.fusion, device=device)
     report = asyncio.run(run_replay(opts))
     summary = {k: report.get(k) for k in ("frames_read", "frames_tracked", "windows", "versions", "wall_s",
                                           "realtime_factor", "first_avatar_s", "n_gaussians_final")}
+    if report.get("holdout"):
+        summary["holdout"] = {k: report["holdout"].get(k) for k in ("psnr", "ssim", "identity_distance")}
     print(json.dumps(summary))
     log.info("wrote %s", ", ".join(str(args.out / n) for n in ("avatar.ply", "report.json", "preview.png")))
     return 0

@@ -141,7 +141,13 @@ function onText(text) {
   try { body = JSON.parse(text); } catch { return; }
   if (body.type === "stats") {
     live.stats = body;
-    if (body.frames !== undefined) ui.frames.textContent = String(body.frames);
+    // frames the daemon tracked (what the avatar is built from), not frames the relay merely received
+    const frames = body.frames_tracked ?? body.frames;
+    if (frames !== undefined) ui.frames.textContent = String(frames);
+    // capture -> tracked until the avatar animates; then the page shows capture -> pose on screen (showPose)
+    if (body.pose_latency_ms != null && live.posesShown === 0) {
+      ui.poseLatency.textContent = `${body.pose_latency_ms.toFixed(0)} ms`;
+    }
     if (body.windows !== undefined) ui.windows.textContent = String(body.windows);
     if (body.gaussians !== undefined && avatar.version < 0) ui.gaussians.textContent = String(body.gaussians);
   } else if (body.type === "error") {
