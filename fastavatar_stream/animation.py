@@ -122,6 +122,12 @@ class Animator:
         except Exception:
             log.exception("an animation subscriber failed")
 
+    def forget(self, session_id: str) -> None:
+        """Drop a retired session's rig and subscribers (the daemon keeps memory bounded)."""
+        state = self._sessions.pop(session_id, None)
+        if state is not None and state.flush is not None:
+            state.flush.cancel()
+
     def rig(self, session_id: str) -> Rig | None:
         state = self._sessions.get(session_id)
         return state.rig if state else None

@@ -7,15 +7,27 @@ this process, or (`DaemonConfig.ray`) Ray actors on this machine or a cluster (`
 on the loop in the session's `AvatarBuffer`, published on ZeroMQ (deltas) and handed to in-process subscribers
 (WebRTC peers).
 Live animation (`fastavatar_stream.animation`): every version also leaves as a rig, every tracked frame as a motion.
+
+Lifecycle of a session: its reader (source -> frame queue) and its tracking loop run as two tasks; when either
+fails or the session is stopped, the reader is cancelled and joined (the source is closed on its decode thread)
+before anything else is released, so one failing session ends alone with one reason. When it has ended the
+engine worker drops it, the last versions it published are installed, its final snapshot is written, and it
+is retired: only the newest `keep_ended` ended sessions stay in memory (for `snapshot` and late readers);
+older ones leave a one-line summary and, with a snapshot folder, their last snapshot on disk.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import itertools
 import logging
+import re
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +40,25 @@ from engine.errors import InputError
 from engine.fusion import AvatarState
 from engine.refine import RefineConfig
 from fastavatar_stream.animation import Animator
+from fastavatar_stream.authority import SourcePolicy, SourceRefused, check_start
 from fastavatar_stream.session import Session, SessionOptions
 from fastavatar_stream.session_engine import EngineBackend
 from fastavatar_stream.worker import EngineWorker
 from protocols.avatar_buffer import AvatarBuffer
 from protocols.errors import ProtocolError
+from protocols.wire import Message
 
 log = logging.getLogger(__name__)
 
 Subscriber = Callable[[AvatarBuffer, dict], None]
+
+
+#: snapshot files in the snapshot folder: <session>_v<version>.ply (written whole, then renamed into place)
+SNAPSHOT_NAME = re.compile(r"^s(\d+)_v(\d+)\.ply$")
+#: every file of a session's snapshot (the PLY and its drivable avatar npz)
+SNAPSHOT_FILE = re.compile(r"^s(\d+)_v(\d+)(\.ply|_avatar\.npz)$")
+#: one-line summaries of retired sessions kept for `list`/`stop` replies
+MAX_ENDED_SUMMARIES = 1000
 
 
 @dataclass
@@ -45,10 +67,15 @@ class DaemonConfig:
     `AvatarModel.from_spec`). device: where the model runs ("cpu", "cuda", "cuda:N"). publish/control: ZeroMQ
     endpoints (None: off). max_sessions: concurrent sessions. max_batch: most windows of different sessions in one
     forward (None: 4 on CUDA, where batching raises throughput, 1 on the CPU, where it does not). snapshot_dir:
-    final avatars are written there as PLY and as drivable avatar npz (None: off). ray: run the engine on Ray
-    actors ("local", "auto" or a cluster address; None: one thread in this process); engine_actors: how many (None:
-    one per GPU of the cluster). rig_expression_dtype: float32 (posing equals the engine's within 1e-5) or float16 (half the rig's
-    expression basis; about 1e-5 m off)."""
+    each session's newest avatar is kept there as PLY, at most
+    `snapshot_interval_s` old while it runs and final when it ends; after a restart those are served (None: off).
+    source_policy: what remote `start` requests may open (default: nothing). open_timeout_s: how long opening
+    and probing a source may take. keep_ended: ended sessions whose state stays in memory for late readers.
+    zmq_security: CURVE keys for the ZeroMQ sockets (None: plain). ray: run the engine on Ray actors ("local",
+    "auto" or a cluster address; None: one thread in this process); engine_actors: how many (None: one per GPU
+    of the cluster). Snapshots hold the drivable avatar npz (`<session>_v<N>_avatar.npz`) beside the PLY.
+    rig_expression_dtype: float32 (posing equals the engine's within 1e-5) or float16 (half the rig's expression
+    basis; about 1e-5 m off)."""
 
     weights: str | None = None
     device: str = "cpu"
@@ -58,8 +85,13 @@ class DaemonConfig:
     max_batch: int | None = None
     tracking_workers: int = 2
     snapshot_dir: Path | None = None
+    snapshot_interval_s: float = 10.0
     session_defaults: SessionOptions = field(default_factory=SessionOptions)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    source_policy: SourcePolicy = field(default_factory=SourcePolicy)
+    open_timeout_s: float = 10.0
+    keep_ended: int = 4
+    zmq_security: Any = None
     ray: str | None = None
     engine_actors: int | None = None
     rig_expression_dtype: str = "float32"
@@ -71,10 +103,15 @@ class Daemon:
     def __init__(self, config: DaemonConfig | None = None, model: AvatarModel | None = None) -> None:
         self.config = config or DaemonConfig()
         self.model = model
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # running ones and the newest `keep_ended` ended ones
         self.buffers: dict[str, AvatarBuffer] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._readers: dict[str, asyncio.Task] = {}
         self._subscribers: dict[str, list[Subscriber]] = {}
+        self._kept_ended: list[str] = []  # ended sessions still in memory, oldest first
+        self._ended: OrderedDict[str, dict] = OrderedDict()  # summaries of every ended session, bounded
+        self._saved: dict[str, int] = {}  # session -> version of its snapshot file
+        self._snapshot_due: dict[str, float] = {}
         self._handed_over: dict[str, int] = {}  # newest version the engine handed over, per session
         self._ids = itertools.count(1)
         self._landmark_model = None
@@ -83,6 +120,8 @@ class Daemon:
         self.control = None
         self.worker: EngineBackend | None = None
         self._track_pool = ThreadPoolExecutor(self.config.tracking_workers, thread_name_prefix="tracking")
+        self._open_pool = ThreadPoolExecutor(2, thread_name_prefix="source-open")
+        self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control_task: asyncio.Task | None = None
         self.animator: Animator | None = None
@@ -90,6 +129,8 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> "Daemon":
         self._loop = asyncio.get_running_loop()
+        if self.config.snapshot_dir is not None:
+            self._restore_snapshot_index()
         if self.model is None:
             self.model = await self._loop.run_in_executor(
                 None, lambda: AvatarModel.from_spec(self.config.weights, device=self.config.device))
@@ -102,17 +143,17 @@ class Daemon:
         self.worker = (self._make_worker() if self.config.ray else
                        await self._loop.run_in_executor(None, self._make_worker))
         self.worker.start()
+        security = self.config.zmq_security
         if self.config.publish:
             from protocols.zmq_transport import AvatarPublisher
 
-            self.publisher = AvatarPublisher(self.config.publish)
+            self.publisher = AvatarPublisher(self.config.publish, security=security)
             log.info("publishing avatars on %s", self.publisher.endpoint)
         self.animator = Animator(self.model, self._loop, self.publisher, self.config.rig_expression_dtype)
         if self.config.control:
-            from protocols.zmq_transport import ControlServer, publisher_handler
+            from protocols.zmq_transport import ControlServer
 
-            handler = publisher_handler(self.publisher, self._control) if self.publisher else self._control
-            self.control = ControlServer(handler, self.config.control)
+            self.control = ControlServer(self._control, self.config.control, security=security)
             self._control_task = asyncio.create_task(self.control.serve())
             log.info("control requests on %s", self.control.endpoint)
         return self
@@ -144,12 +185,22 @@ class Daemon:
             self.control.close()
         if self.publisher is not None:
             self.publisher.close()
+        if self.config.zmq_security is not None:
+            self.config.zmq_security.stop()
         self._track_pool.shutdown(wait=False, cancel_futures=True)
+        self._open_pool.shutdown(wait=False, cancel_futures=True)
+        await self._loop.run_in_executor(None, self._snapshot_pool.shutdown, True)  # final snapshots land
 
     # -- sessions (SessionHub) --------------------------------------------------------------------------------
-    async def open_session(self, source, *, name: str | None = None, options: SessionOptions | None = None) -> str:
-        if len([s for s in self.sessions.values() if s.state == "running"]) >= self.config.max_sessions:
+    def running(self) -> int:
+        return sum(s.state == "running" for s in self.sessions.values())
+
+    def _check_capacity(self) -> None:
+        if self.running() >= self.config.max_sessions:
             raise InputError(f"the daemon already runs {self.config.max_sessions} sessions; stop one first")
+
+    async def open_session(self, source, *, name: str | None = None, options: SessionOptions | None = None) -> str:
+        self._check_capacity()
         options = options or SessionOptions(**vars(self.config.session_defaults))
         if options.fusion is None:  # the model's own rule (the caller's options object stays as it was)
             options = dataclasses.replace(options, fusion=self.model.default_fusion)
@@ -192,13 +243,22 @@ class Daemon:
             except (asyncio.CancelledError, Exception):
                 pass
 
+    def stop_reading(self, session_id: str) -> bool:
+        """Stop a session's source; what was read is still tracked, reconstructed and published. True when a
+        reader was running."""
+        reader = self._readers.get(session_id)
+        if reader is None or reader.done():
+            return False
+        reader.cancel()
+        return True
+
     async def wait_session(self, session_id: str) -> Session:
-        task = self._tasks[session_id]
+        session, task = self.sessions[session_id], self._tasks[session_id]
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             pass
-        return self.sessions[session_id]
+        return session
 
     def subscribe(self, session_id: str, callback: Subscriber) -> Callable[[], None]:
         if session_id not in self.sessions:
@@ -214,7 +274,10 @@ class Daemon:
         return self.animator.subscribe(session_id, on_rig, on_motion)
 
     def session_stats(self, session_id: str) -> dict:
-        return self.sessions[session_id].stats()
+        session = self.sessions.get(session_id)
+        if session is not None:
+            return session.stats()
+        return dict(self._ended[session_id])
 
     # -- the per-session pipeline -----------------------------------------------------------------------------
     async def _run_session(self, session: Session, source) -> None:
@@ -222,10 +285,41 @@ class Daemon:
         # instead of queueing behind older frames; replay: a few, read ahead while tracking runs
         frames: asyncio.Queue = asyncio.Queue(maxsize=1 if session.options.live else 4)
         loop = asyncio.get_running_loop()
-
-        async def read() -> None:
+        reader = asyncio.create_task(self._read(session, source, frames), name=f"read-{session.id}")
+        self._readers[session.id] = reader
+        try:
             try:
-                async for frame in source.aiter():
+                while (frame := await frames.get()) is not None:
+                    await loop.run_in_executor(self._track_pool, self._track_one, session, frame)
+            finally:
+                await _cancel_and_join(reader)  # the decoder is closed before anything else is released
+            if not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()
+            if getattr(source, "error", None):
+                session.report.error(source.error)
+                session.error = source.error
+            await loop.run_in_executor(self._track_pool, session.finish_tracking)
+            self.worker.notify()
+            await self._drain(session)
+            session.state = "ended" if session.error is None else "failed"
+        except asyncio.CancelledError:
+            if session.state == "running":
+                session.state = "ended"
+            raise
+        except InputError as exc:
+            session.fail(_one_line(exc))
+        except Exception as exc:
+            log.exception("session %s failed", session.id)
+            session.fail(f"{exc.__class__.__name__}: {_one_line(exc)}")
+        finally:
+            await self._retire(session, source)
+
+    async def _read(self, session: Session, source, frames: asyncio.Queue) -> None:
+        """Source -> frame queue, then an end marker (also when cancelled or failing)."""
+        ended = False
+        try:
+            async with contextlib.aclosing(source.aiter()) as stream:
+                async for frame in stream:
                     session.report.frame_read(frame.pts, frame.t_capture)
                     if session.options.live and frames.full():
                         frames.get_nowait()  # latest frame wins; the dropped one is counted
@@ -233,48 +327,14 @@ class Daemon:
                     await frames.put(frame)
                     if session.options.max_frames and session.report.frames_read >= session.options.max_frames:
                         break
-            finally:
-                await frames.put(None)
-
-        async def track() -> None:
-            while (frame := await frames.get()) is not None:
-                await loop.run_in_executor(self._track_pool, self._track_one, session, frame)
-
-        try:
-            await asyncio.gather(read(), track())
-            if getattr(source, "error", None):
-                session.report.errors.append(source.error)
-                session.error = source.error
-            await loop.run_in_executor(self._track_pool, session.finish_tracking)
-            self.worker.notify()
-            await self._drain(session)
-            session.state = "ended" if session.error is None else "failed"
-        except asyncio.CancelledError:
-            session.state = "ended"
-            raise
-        except InputError as exc:
-            session.state, session.error = "failed", str(exc)
-            session.report.errors.append(str(exc))
-        except Exception as exc:
-            log.exception("session %s failed", session.id)
-            session.state, session.error = "failed", f"{exc.__class__.__name__}: {exc}"
-            session.report.errors.append(session.error)
+            await frames.put(None)
+            ended = True
         finally:
-            session.tracking_done.set()
-            close_tracker = getattr(session.tracker, "close", None)
-            if close_tracker is not None:
-                close_tracker()
-            try:
-                source.close()
-            except Exception:
-                log.debug("closing source failed", exc_info=True)
-            self.worker.remove_session(session.id)
-            session.report.finish(session.timer, t=session.t_work_done)
-            self._write_snapshot(session)
-            log.info("session %s %s: %d frames, %d windows, version %d%s", session.id, session.state,
-                     session.report.frames_read, session.windows_done,
-                     session.latest.version if session.latest else 0,
-                     f" ({session.error})" if session.error else "")
+            if not ended:  # the tracking loop must see the end even when the queue is full
+                if frames.full():
+                    frames.get_nowait()
+                    session.report.frames_dropped += 1
+                frames.put_nowait(None)
 
     def _track_one(self, session: Session, frame) -> None:
         with session.timer.time("track"):
@@ -305,6 +365,49 @@ class Daemon:
         installed = session.latest.version if session.latest is not None else 0
         return installed >= self._handed_over.get(session.id, 0)
 
+    async def _retire(self, session: Session, source) -> None:
+        """After a session ended: release its source, take it off the worker, save its last version, free it."""
+        session.tracking_done.set()
+        close_tracker = getattr(session.tracker, "close", None)
+        if close_tracker is not None:
+            close_tracker()
+        try:
+            source.close()
+        except Exception:
+            log.debug("closing source failed", exc_info=True)
+        # Waits until the worker is done with the session; the versions it made before are already queued on
+        # this loop ahead of this await's wake-up, so they are installed when it returns.
+        await self._loop.run_in_executor(None, self.worker.remove_session, session.id)
+        session.release()
+        session.report.finish(session.timer, t=session.t_work_done)
+        if self.config.snapshot_dir is not None:
+            await self._save_snapshot(session.id)
+        self._readers.pop(session.id, None)
+        self._snapshot_due.pop(session.id, None)
+        self._handed_over.pop(session.id, None)
+        self._ended[session.id] = session.stats()
+        while len(self._ended) > MAX_ENDED_SUMMARIES:
+            self._ended.popitem(last=False)
+        self._kept_ended.append(session.id)
+        self._evict_ended()
+        await self._loop.run_in_executor(None, return_freed_memory)
+        log.info("session %s %s: %d frames, %d windows, version %d%s", session.id, session.state,
+                 session.report.frames_read, session.windows_done,
+                 session.latest.version if session.latest else 0,
+                 f" ({session.error})" if session.error else "")
+
+    def _evict_ended(self) -> None:
+        while len(self._kept_ended) > self.config.keep_ended:
+            sid = self._kept_ended.pop(0)
+            self.sessions.pop(sid, None)
+            self.buffers.pop(sid, None)
+            self._tasks.pop(sid, None)
+            self._subscribers.pop(sid, None)
+            if self.publisher is not None:
+                self.publisher.remove(sid)
+            if self.animator is not None:
+                self.animator.forget(sid)
+
     # -- versions (worker thread -> loop) ---------------------------------------------------------------------
     def _on_version(self, session: Session, version: AvatarState, t_capture: float) -> None:
         with session.timer.time("to_world"):
@@ -317,7 +420,9 @@ class Daemon:
         self._loop.call_soon_threadsafe(self.animator.install, session.id, version, rig, t_capture)
 
     def _install(self, session: Session, version: AvatarState, uids, arrays, t_capture: float) -> None:
-        buffer = self.buffers[session.id]
+        buffer = self.buffers.get(session.id)
+        if buffer is None:
+            return  # retired meanwhile
         t0 = time.perf_counter()
         buffer.assign(uids, arrays, version.version)
         session.latest = version
@@ -331,55 +436,182 @@ class Daemon:
                 log.exception("session %s: a subscriber failed", session.id)
         session.timer.add("publish", time.perf_counter() - t0)
         session.report.version_published(version.version, len(version.gaussians), t_capture, time.time())
+        if self.config.snapshot_dir is not None and time.monotonic() >= self._snapshot_due.get(session.id, 0.0):
+            self._snapshot_due[session.id] = time.monotonic() + self.config.snapshot_interval_s
+            asyncio.ensure_future(self._save_snapshot(session.id))
 
-    def _write_snapshot(self, session: Session) -> None:
-        if self.config.snapshot_dir is None or session.latest is None:
+    # -- snapshots on disk ------------------------------------------------------------------------------------
+    def _restore_snapshot_index(self) -> None:
+        """Index the snapshot folder (the newest file of each session) and start session ids after it."""
+        folder = Path(self.config.snapshot_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in folder.iterdir():
+            match = SNAPSHOT_NAME.match(path.name)
+            if match:
+                sid, version = f"s{match.group(1)}", int(match.group(2))
+                self._saved[sid] = max(version, self._saved.get(sid, -1))
+        if self._saved:
+            highest = max(int(sid[1:]) for sid in self._saved)
+            self._ids = itertools.count(highest + 1)
+            log.info("serving the last snapshots of %d earlier sessions from %s", len(self._saved), folder)
+
+    async def _save_snapshot(self, session_id: str) -> None:
+        """Write the session's installed version (never raises: a failed write is logged)."""
+        buffer = self.buffers.get(session_id)
+        if buffer is None or buffer.version <= self._saved.get(session_id, 0):
             return
-        from protocols.animation import save_avatar
-        from protocols.ply import save_ply
+        version, arrays = buffer.version, buffer.live_arrays()
+        folder = Path(self.config.snapshot_dir)
+        rig = self.animator.rig(session_id) if self.animator is not None else None
+        ok = await self._loop.run_in_executor(self._snapshot_pool, _write_snapshot, folder, session_id, version,
+                                              arrays, rig)
+        if ok:
+            self._saved[session_id] = max(version, self._saved.get(session_id, 0))
 
-        path = Path(self.config.snapshot_dir) / f"{session.id}_v{session.latest.version}.ply"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_ply(path, self.buffers[session.id].live_arrays())
-        rig = self.animator.rig(session.id)
-        if rig is not None:
-            save_avatar(path.with_name(f"{path.stem}_avatar.npz"), rig)
+    async def _saved_snapshot(self, session_id: str) -> Message | None:
+        version = self._saved.get(session_id)
+        if version is None:
+            return None
+        path = Path(self.config.snapshot_dir) / f"{session_id}_v{version}.ply"
+        return await self._loop.run_in_executor(self._snapshot_pool, _read_snapshot, path, session_id, version)
 
     # -- control requests -----------------------------------------------------------------------------------
     async def _control(self, request) -> Any:
         cmd, args = request.command, request.args
+        if cmd == "snapshot":
+            return await self._snapshot_reply(str(args.get("session")))
         if cmd == "list":
-            return {"sessions": [s.stats() for s in self.sessions.values()]}
+            return {"sessions": self._listing()}
         if cmd == "status":
-            running = sum(s.state == "running" for s in self.sessions.values())
             batches = getattr(self.worker, "batch_sizes", {})  # the in-process worker counts its batched forwards
-            return {"sessions": len(self.sessions), "running": running,
+            return {"sessions": len(self.sessions), "running": self.running(),
                     "windows": self.worker.windows_done if self.worker else 0,
                     "migrations": sum(s.report.migrations for s in self.sessions.values()),
                     # windows per forward -> how many forwards (several sessions batched on one device)
                     "batches": {str(k): v for k, v in sorted(batches.items())}}
         if cmd == "start":
-            from fastavatar_stream.sources import open_source
-
-            if "source" not in args:
-                raise ProtocolError("start needs a 'source' (a file path, folder or device:NAME)")
-            opts = dict(args.get("options") or {})
-            source = open_source(str(args["source"]), **opts)
-            return {"session": await self.open_session(source)}
+            plan = check_start(args.get("source"), args.get("options"), self.config.source_policy)
+            self._check_capacity()
+            source = await self._open_remote(plan.spec, plan.source_options)
+            options = SessionOptions(**vars(self.config.session_defaults))
+            options.max_frames = plan.max_frames
+            return {"session": await self.open_session(source, name=Path(plan.spec).name, options=options)}
         if cmd == "stop":
             sid = args.get("session")
-            if sid not in self.sessions:
+            if sid not in self.sessions and sid not in self._ended:
                 raise ProtocolError(f"unknown session {sid!r}; 'list' shows the sessions")
             await self.close_session(sid)
-            return {"session": sid, "state": self.sessions[sid].state}
+            return {"session": sid, "state": self.session_stats(sid)["state"]}
         if cmd == "rig":
             rig = self.animator.rig(args.get("session", ""))
             if rig is None:
                 raise ProtocolError(f"no rig for session {args.get('session')!r} yet; 'list' shows the sessions")
             return rig.message()
-        if cmd == "snapshot":
-            sid = args.get("session")
-            if sid not in self.buffers:
-                raise ProtocolError(f"unknown session {sid!r}; 'list' shows the sessions")
-            return self.buffers[sid].snapshot()
         raise ProtocolError(f"unknown command {cmd!r}; known: list, status, start, stop, snapshot, rig")
+
+    async def _snapshot_reply(self, sid: str) -> Message:
+        if self.publisher is not None and sid in self.publisher.sessions():
+            return self.publisher.snapshot(sid)  # the last *published* state, with its seq (clone pattern)
+        if self.publisher is None and sid in self.buffers:
+            return self.buffers[sid].snapshot()
+        saved = await self._saved_snapshot(sid) if self.config.snapshot_dir is not None else None
+        if saved is None:
+            raise ProtocolError(f"unknown session {sid!r}; 'list' shows the sessions")
+        return saved
+
+    def _listing(self) -> list[dict]:
+        """Every session this daemon knows: running, ended, and saved by an earlier run."""
+        out: dict[str, dict] = {sid: dict(summary) for sid, summary in self._ended.items()}
+        out.update({sid: s.stats() for sid, s in self.sessions.items()})
+        for sid, version in self._saved.items():
+            out.setdefault(sid, {"session": sid, "state": "saved", "version": version})
+        if self.publisher is not None:  # subscribers compare with the version that really went out
+            for sid in self.publisher.sessions():
+                out.setdefault(sid, {"session": sid})["version"] = self.publisher.version(sid)
+        return list(out.values())
+
+    async def _open_remote(self, spec: str, options: dict):
+        """Open a source a peer named, off the event loop and within `open_timeout_s`."""
+        from fastavatar_stream.sources import open_source
+
+        pending = self._open_pool.submit(lambda: open_source(spec, restricted=True, **options))
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), self.config.open_timeout_s)
+        except asyncio.TimeoutError:
+            pending.add_done_callback(_close_opened)  # if it ever opens, nobody will read it
+            raise SourceRefused(f"the source did not open within {self.config.open_timeout_s:g} s") from None
+
+
+async def _cancel_and_join(task: asyncio.Task) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+def _close_opened(future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def _write_snapshot(folder: Path, session_id: str, version: int, arrays: dict, rig=None) -> bool:
+    """Write <session>_v<version>.ply (and its drivable <session>_v<version>_avatar.npz) whole, then renamed into
+    place, and remove the session's older files."""
+    from protocols.animation import save_avatar
+    from protocols.ply import save_ply
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if rig is not None:
+            rig_path = folder / f"{session_id}_v{version}_avatar.npz"
+            partial = rig_path.with_name(rig_path.name + ".part.npz")
+            save_avatar(partial, rig)
+            partial.replace(rig_path)
+        save_ply(folder / f"{session_id}_v{version}.ply", arrays)
+        for old in folder.glob(f"{session_id}_v*"):
+            match = SNAPSHOT_FILE.match(old.name)
+            if match and f"s{match.group(1)}" == session_id and int(match.group(2)) < version:
+                old.unlink(missing_ok=True)
+        return True
+    except (OSError, ValueError) as exc:  # a full disk, a folder gone, arrays the PLY writer refuses
+        log.error("session %s: snapshot v%d not written to %s: %s", session_id, version, folder,
+                  getattr(exc, "strerror", None) or exc)
+        return False
+
+
+@functools.cache
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed by a retired session back to the operating system.
+
+    glibc's allocator keeps freed pages in its per-thread arenas, and a session's tensors and frames come in sizes
+    the next session does not reuse exactly, so without this the process keeps growing although nothing is held
+    (benchmarks/sessions_memory.py measures it). A no-op where the C library has no malloc_trim."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _read_snapshot(path: Path, session_id: str, version: int) -> Message | None:
+    from protocols.ply import PlyError, load_ply
+
+    try:
+        arrays = load_ply(path)
+    except (OSError, PlyError) as exc:
+        log.warning("saved snapshot %s unreadable: %s", path, exc)
+        return None
+    buffer = AvatarBuffer(session_id)
+    buffer.assign(np.arange(len(arrays["means"]), dtype=np.uint32), arrays, version)
+    return buffer.snapshot()

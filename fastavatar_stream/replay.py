@@ -10,12 +10,18 @@ tail of the stream (`holdout_tail`, a fraction: the avatar is built from the fir
 stretch it never saw). Held-out frames never enter a window, a FramePack pool or refinement. The report scores
 the final avatar (`holdout`) and, in `holdout_timeline`, the avatar as it was when the stream ended and every
 `TIMELINE_EVERY_S` seconds of lingering after it.
+
+SIGINT/SIGTERM stop the reading: frames already read are tracked, pending windows reconstructed, refinement
+stops, and what was built is written with `"interrupted": true` and the signal's name in report.json; a
+second signal abandons the pending work too. avatar.ply and report.json hold the last published version.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,30 +84,70 @@ async def replay(opts: ReplayOptions) -> ReplayResult:
     """Replay `opts.source` and write DIR's files; returns the report with the session and model."""
     from fastavatar_stream.sources import open_source
 
-    source = open_source(opts.source, realtime=opts.realtime)
-    options = SessionOptions(live=opts.realtime, budget=opts.budget, holdout=opts.holdout,
-                             holdout_from=tail_start(source, opts), refine_seconds=opts.refine_seconds,
-                             max_frames=opts.max_frames, detector=opts.detector, fov_degrees=opts.fov_degrees,
-                             fusion=opts.fusion, linger_s=opts.linger_s)
-    daemon = Daemon(DaemonConfig(weights=opts.weights, device=opts.device, publish=opts.publish,
-                                 control=opts.control))
-    await daemon.start()
+    loop = asyncio.get_running_loop()
+    stop = _Interrupt()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.signal, sig)
     try:
-        session_id = await daemon.open_session(source, name=str(opts.source), options=options)
-        progress = _progress(daemon, session_id, source) if opts.progress else None
-        marks: list[tuple[float, AvatarState | None]] = []
-        timeline = asyncio.create_task(_timeline(daemon.sessions[session_id], marks))
-        session = await daemon.wait_session(session_id)
-        timeline.cancel()
-        if session.stream_end is not None:
-            marks.insert(0, (0.0, session.stream_end[1]))
-        if progress is not None:
-            progress.cancel()
-        report = await asyncio.get_running_loop().run_in_executor(None, _write_outputs, daemon, session, opts,
-                                                                  marks)
-        return ReplayResult(report, session, daemon.model, marks)
+        source = open_source(opts.source, realtime=opts.realtime)
+        options = SessionOptions(live=opts.realtime, budget=opts.budget, holdout=opts.holdout,
+                                 holdout_from=tail_start(source, opts), refine_seconds=opts.refine_seconds,
+                                 max_frames=opts.max_frames, detector=opts.detector, fov_degrees=opts.fov_degrees,
+                                 fusion=opts.fusion, linger_s=opts.linger_s)
+        daemon = Daemon(DaemonConfig(weights=opts.weights, device=opts.device, publish=opts.publish,
+                                     control=opts.control))
+        await daemon.start()
+        try:
+            session_id = await daemon.open_session(source, name=str(opts.source), options=options)
+            stop.attach(daemon, session_id)
+            progress = _progress(daemon, session_id, source) if opts.progress else None
+            marks: list[tuple[float, AvatarState | None]] = []
+            timeline = asyncio.create_task(_timeline(daemon.sessions[session_id], marks))
+            session = await daemon.wait_session(session_id)
+            timeline.cancel()
+            if session.stream_end is not None:
+                marks.insert(0, (0.0, session.stream_end[1]))
+            if progress is not None:
+                progress.cancel()
+            report = await loop.run_in_executor(None, _write_outputs, daemon, session, opts, marks, stop.name)
+            return ReplayResult(report, session, daemon.model, marks)
+        finally:
+            await daemon.shutdown()
     finally:
-        await daemon.shutdown()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM during a replay: the first stops reading and refinement, a second abandons the session's
+    pending work; either way what was built is written."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.count = 0
+        self._daemon: Daemon | None = None
+        self._session_id: str | None = None
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.count += 1
+        self.name = self.name or signal.Signals(sig).name
+        log.warning("%s: %s", self.name, "stopping the reading; writing what was built" if self.count == 1
+                    else "abandoning the pending work")
+        self._act()
+
+    def attach(self, daemon: Daemon, session_id: str) -> None:
+        self._daemon, self._session_id = daemon, session_id
+        self._act()
+
+    def _act(self) -> None:
+        if self._daemon is None or self.count == 0:
+            return
+        session = self._daemon.sessions.get(self._session_id)
+        if session is not None:
+            session.stop_refinement()
+        self._daemon.stop_reading(self._session_id)
+        if self.count > 1:
+            asyncio.ensure_future(self._daemon.close_session(self._session_id))
 
 
 def tail_start(source, opts: ReplayOptions) -> int | None:
@@ -166,7 +212,7 @@ def _progress(daemon: Daemon, session_id: str, source) -> asyncio.Task:
 
 
 def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions,
-                   marks: list[tuple[float, AvatarState | None]]) -> dict:
+                   marks: list[tuple[float, AvatarState | None]], interrupted: str | None = None) -> dict:
     from protocols.animation import save_avatar
     from protocols.ply import save_ply
 
@@ -177,13 +223,20 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions,
     report.frames_unusable = session.frames_unusable
     report.frames_dropped += session.windower.stats.thinned
     report.windows = session.windows_done
+    if interrupted:
+        report.extra.update(interrupted=True, signal=interrupted)
     if session.latest is None:
         reason = session.error or (f"no usable face was found in any of the {report.frames_read} frames"
                                    if report.frames_read else "the source gave no frames")
-        report.errors.append(reason)
+        if interrupted:
+            data = {**report.to_dict(), "interrupted": True, "signal": interrupted}
+            (out / "report.json").write_text(json.dumps(data, indent=2))
+            return data
+        report.error(reason)
         report.write(out / "report.json")
         raise InputError(f"{opts.source}: no avatar was built: {reason}")
-    arrays = daemon.buffers[session.id].live_arrays()
+    buffer = daemon.buffers[session.id]
+    arrays = buffer.live_arrays()
     save_ply(out / "avatar.ply", arrays)
     rig = daemon.animator.rig(session.id)
     if rig is not None:
@@ -207,13 +260,17 @@ def _write_outputs(daemon: Daemon, session: Session, opts: ReplayOptions,
     write_preview(model, session, out / "preview.png")
     report.extra.update(extra)
     data = report.to_dict()
-    data["versions_published"] = list(report.versions)
-    data["versions"] = len(report.versions)
+    data["versions_published"] = data["versions"]
+    data["versions"] = report.versions_total
     data["n_gaussians_final"] = report.n_gaussians[-1] if report.n_gaussians else 0
+    data["version_final"] = buffer.version  # the version avatar.ply holds: the last one published
+    data["interrupted"] = bool(interrupted)
+    if interrupted:
+        data["signal"] = interrupted
     for key in ("holdout", "holdout_timeline"):
         if key in data["extra"]:
             data[key] = data["extra"][key]
-    (out / "report.json").write_text(__import__("json").dumps(data, indent=2))
+    (out / "report.json").write_text(json.dumps(data, indent=2))
     return data
 
 

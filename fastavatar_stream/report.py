@@ -9,6 +9,21 @@ from pathlib import Path
 
 from .timing import StageTimer, percentiles
 
+#: newest per-version and per-window records a report keeps
+MAX_RECORDS = 10_000
+MAX_ERRORS = 100
+
+
+def append_bounded(records: list, value, limit: int = MAX_RECORDS) -> None:
+    """Append, keeping at most the newest `limit` entries (trimmed in halves, so appending stays O(1))."""
+    records.append(value)
+    if len(records) > 2 * limit:
+        del records[: len(records) - limit]
+
+
+def trimmed(records: list, limit: int = MAX_RECORDS) -> list:
+    return records[-limit:]
+
 
 def json_safe(x):
     """JSON has no NaN/inf: map them to None, recursively."""
@@ -25,7 +40,9 @@ def json_safe(x):
 class ReplayReport:
     """Counts and timings of one replay. Times are seconds; `t_*` arguments are time.time() values.
 
-    versions / n_gaussians: avatar version numbers published and the Gaussian count of each (same order).
+    versions / n_gaussians: avatar version numbers published and the Gaussian count of each (same order), the
+    newest `MAX_RECORDS` of them (a daemon session may run for days); versions_total counts every version.
+    Latency percentiles cover the newest `MAX_RECORDS` versions, strides the newest `MAX_RECORDS` windows.
     stages: per-stage {n, mean, max, total, p50, p95, p99}; latency: capture -> publish p50/p95/p99 over
     the newest frame of each published version. realtime_factor: media seconds processed per wall second.
     first_avatar_s: first publish minus the capture time of the first frame. migrations: times the session moved to
@@ -42,6 +59,7 @@ class ReplayReport:
     migrations: int = 0
     strides: list[int] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    versions_total: int = 0
     n_gaussians: list[int] = field(default_factory=list)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
@@ -77,9 +95,10 @@ class ReplayReport:
         """t_capture: capture time of the newest frame that went into this version."""
         if self.versions and version <= self.versions[-1]:
             raise ValueError(f"avatar versions must increase: {version} after {self.versions[-1]}")
-        self.versions.append(int(version))
-        self.n_gaussians.append(int(n_gaussians))
-        self._latencies.append(t_publish - t_capture)
+        append_bounded(self.versions, int(version))
+        append_bounded(self.n_gaussians, int(n_gaussians))
+        append_bounded(self._latencies, t_publish - t_capture)
+        self.versions_total += 1
         if self.first_avatar_s is None and self._t_first_frame is not None:
             self.first_avatar_s = t_publish - self._t_first_frame
 
@@ -94,12 +113,22 @@ class ReplayReport:
         self.realtime_factor = self.media_s / self.wall_s if self.wall_s > 0 else 0.0
         if timer is not None:
             self.stages = timer.stats()
-        self.latency = percentiles(self._latencies)
+        self.latency = percentiles(trimmed(self._latencies))
         return self
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(text)
+
+    def stride(self, stride: int) -> None:
+        append_bounded(self.strides, int(stride))
 
     # -- output -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return json_safe(asdict(self))
+        data = json_safe(asdict(self))
+        for name in ("versions", "n_gaussians", "strides"):
+            data[name] = trimmed(data[name])
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)

@@ -220,7 +220,7 @@ class Session:
             if window is None and self.options.live:
                 window = self.windower.take()
                 if window is not None:
-                    self.report.strides.append(window.stride)
+                    self.report.stride(window.stride)
                     t_ready = self._t_live_ready if self._t_live_ready is not None else now
                     self._t_live_ready = None
             if window is not None:
@@ -278,6 +278,13 @@ class Session:
     def mark_stream_end(self) -> None:
         with self.lock:
             self.stream_end = (time.time(), self.latest)
+    def release(self) -> None:
+        """The session ended: drop what only a running session needs (the prepared-frame cache, queued
+        windows). What its results need (latest version, kept frames, counters) stays."""
+        with self.lock:
+            self._prepared.clear()
+            self._ready.clear()
+            self._ready_times.clear()
 
     def wants_refinement(self) -> bool:
         return (self.options.refine_seconds > 0 and not self.refine_stopped and self.latest is not None
@@ -308,15 +315,17 @@ class Session:
             if version is not None:
                 self.version_log.append({"version": version, "made_by": "refine", "engine_s": round(end - start, 4)})
 
-    def stop_refinement(self, reason: str) -> None:
-        """Refinement failed: the session goes on with feed-forward versions only (the reason is in its report)."""
+    def stop_refinement(self, reason: str | None = None) -> None:
+        """No more refinement: it failed (the reason goes in the report) or the run was interrupted (no reason);
+        the session goes on with feed-forward versions only."""
         self.refine_stopped = True
-        self.report.errors.append(reason)
+        if reason:
+            self.report.error(reason)
 
     def fail(self, reason: str) -> None:
         """End this session with one clear reason; other sessions are untouched."""
         self.state, self.error = "failed", reason
-        self.report.errors.append(reason)
+        self.report.error(reason)
 
     def stats(self) -> dict:
         latest = self.latest

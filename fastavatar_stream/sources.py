@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FRAME_PIXELS = 4096 * 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: seconds a stopped asyncio reader waits for its decode thread to close the source
+CLOSE_WAIT_S = 5.0
+#: FFmpeg demuxers a restricted file source may use (no playlists, concat scripts or other indirections that
+#: make FFmpeg open further files or URLs), and local files as the only protocol
+SAFE_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ivf,h264,hevc,mjpeg,gif"
+SAFE_AV_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": SAFE_DEMUXERS}
 DEVICE_PREFIX = "device:"
 
 
@@ -93,6 +99,7 @@ class FrameSource:
     """
 
     live = False
+    _reader_active = False  # an asyncio reader's decode thread owns the source until it closes it
 
     def __init__(self, name: str, realtime: bool = False) -> None:
         self.name = name
@@ -132,11 +139,16 @@ class FrameSource:
             self.close()
 
     async def aiter(self) -> AsyncIterator[SourceFrame]:
-        """Asyncio reader: decoding runs on one dedicated thread; pacing uses asyncio.sleep."""
+        """Asyncio reader: decoding runs on one dedicated thread; pacing uses asyncio.sleep.
+
+        However the reader ends (exhausted, broken off, cancelled), the decoder is closed on its own thread
+        after the decode call in flight returns, and the reader waits for that (up to `CLOSE_WAIT_S`): a
+        container closed under a running demuxer is a crash, not an error."""
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"source-{self.name[:20]}")
         frames = self._frames()
         pacer = _Pacer(self.realtime)
+        self._reader_active = True
         try:
             while True:
                 frame = await loop.run_in_executor(executor, next, frames, _END)
@@ -147,17 +159,27 @@ class FrameSource:
                     await asyncio.sleep(delay)
                 yield self._deliver(frame)
         finally:
-            # The generator may only be closed from the thread that runs it (never concurrently).
-            executor.submit(_close_all, frames, self)
+            closed = loop.run_in_executor(executor, _close_all, frames, self)
             executor.shutdown(wait=False)
+            try:
+                await asyncio.wait_for(asyncio.shield(closed), CLOSE_WAIT_S)
+            except asyncio.TimeoutError:
+                # the decode call in flight never returned (a device or pipe that hangs): the decode
+                # thread closes the source when it does; nobody else may touch the container before
+                log.warning("%s: decoder still busy %.0f s after the reader stopped; it closes when it returns",
+                            self.name, CLOSE_WAIT_S)
 
     def __aiter__(self) -> AsyncIterator[SourceFrame]:
         return self.aiter()
 
 
 def _close_all(frames, source: FrameSource) -> None:
-    frames.close()
-    source.close()
+    """Runs on the decode thread: the only thread that may close a source an asyncio reader decodes."""
+    try:
+        frames.close()
+    finally:
+        source._reader_active = False
+        source.close()
 
 
 class _Pacer:
@@ -258,6 +280,8 @@ class _AvSource(FrameSource):
             log.warning("%s", self.error)
 
     def close(self) -> None:
+        if self._reader_active:
+            return  # its decode thread closes it (see FrameSource.aiter)
         with self._lock:
             if self._container is not None:
                 self._container.close()
@@ -278,14 +302,17 @@ class VideoFileSource(_AvSource):
 
     The container is probed on construction, so a missing, unreadable or video-less file raises
     `InputError` right away. `loop=True` restarts at the end (pts and index keep increasing), for soak
-    benchmarks.
+    benchmarks. `restricted=True` (sources a remote peer named) limits FFmpeg to local files and plain video
+    demuxers (`SAFE_DEMUXERS`), so a playlist or concat file cannot make it open other files or URLs.
     """
 
     def __init__(self, path: str | Path, realtime: bool = False,
-                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS, loop: bool = False) -> None:
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS, loop: bool = False,
+                 restricted: bool = False) -> None:
         self.path = Path(path)
         super().__init__(str(self.path), realtime, max_frame_pixels)
         self.loop = loop
+        self.av_options = dict(SAFE_AV_OPTIONS) if restricted else {}
         if not self.path.is_file():
             raise InputError(f"video file not found: {self.path}; check the path")
         container = self._open()
@@ -303,7 +330,7 @@ class VideoFileSource(_AvSource):
         import av
 
         try:
-            container = av.open(str(self.path), mode="r")
+            container = av.open(str(self.path), mode="r", options=self.av_options)
         except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
             raise InputError(f"cannot read video file {self.path}: {_av_reason(exc)}; "
                              f"give a video FFmpeg can read (mp4, mkv, webm, mov)") from None
@@ -559,12 +586,13 @@ class MultiViewSource(FrameSource):
 
 
 # ----------------------------------------------------------------------------------------------------------
-def open_source(spec: str | Path, **opts) -> FrameSource:
+def open_source(spec: str | Path, *, restricted: bool = False, **opts) -> FrameSource:
     """Open a source from a spec: 'device:<name>' for a camera, a folder with calibration.json for a
     multi-view capture, any other folder for images, a file for video.
 
     Options set to None or False are ignored (so a CLI can pass its defaults through); any other option
-    the chosen source does not take raises InputError.
+    the chosen source does not take raises InputError. `restricted` (a source a remote peer named): video
+    files open with `SAFE_AV_OPTIONS`.
     """
     spec_s = str(spec)
     if spec_s.startswith(DEVICE_PREFIX):
@@ -585,4 +613,6 @@ def open_source(spec: str | Path, **opts) -> FrameSource:
     unknown = sorted(set(given) - accepted)
     if unknown:
         raise InputError(f"option(s) {', '.join(unknown)} do not apply to a {cls.__name__} ({spec_s})")
+    if restricted and cls is VideoFileSource:
+        given["restricted"] = True
     return cls(target, **given)

@@ -237,14 +237,16 @@ class ClientResult:
         }
 
 
-async def post_offer(url: str, offer: dict, timeout: float = 30.0) -> dict:
-    """POST an offer to `url` + /offer; the answer dict, or UserError with the server's reason."""
+async def post_offer(url: str, offer: dict, timeout: float = 30.0, token: str | None = None) -> dict:
+    """POST an offer to `url` + /offer (with the daemon's `token` when it needs one); the answer dict, or
+    UserError with the server's reason."""
     import aiohttp
 
     endpoint = url.rstrip("/") + "/offer"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-            async with http.post(endpoint, json=offer) as resp:
+            headers = {"X-Fastavatar-Token": token} if token else None
+            async with http.post(endpoint, json=offer, headers=headers) as resp:
                 try:
                     body = await resp.json(content_type=None)
                 except ValueError:
@@ -262,7 +264,7 @@ async def post_offer(url: str, offer: dict, timeout: float = 30.0) -> dict:
 
 async def run_client(video: str | Path, url: str, *, timeout: float = 120.0, settle: float = 5.0,
                      realtime: bool = True, max_frames: int | None = None, rtc_config: Any = None,
-                     receiver: AvatarReceiver | None = None) -> ClientResult:
+                     receiver: AvatarReceiver | None = None, token: str | None = None) -> ClientResult:
     """Stream `video` to the server at `url` and collect the avatar until done (see module doc)."""
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
@@ -297,7 +299,7 @@ async def run_client(video: str | Path, url: str, *, timeout: float = 120.0, set
 
         await pc.setLocalDescription(await pc.createOffer())
         answer = await post_offer(url, {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp},
-                                  timeout=min(timeout, 30.0))
+                                  timeout=min(timeout, 30.0), token=token)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
         deadline = t0 + timeout
         end_sent = False

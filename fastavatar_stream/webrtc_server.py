@@ -14,6 +14,14 @@ Peer lifecycle: an offer that is not valid JSON/SDP, has no video or no data cha
 not connected `ice_timeout` seconds after its offer, is closed and its session ended. Connection
 state changes are logged. `/offer` answers 503 when `max_peers` are connected.
 
+Who may offer: `/offer` takes only `Content-Type: application/json` (415 otherwise, so a plain HTML form on
+another site cannot post one), and a request carrying an `Origin` must come from the page this server serves
+(its bound address; the loopback names when bound to loopback or every interface; on an every-interface bind
+also the host the request was addressed to, as such a bind needs a token or --insecure) or from an origin the
+operator added (`allow_origins`); anything else is 403. Clients that are not browsers send no Origin. With a
+`token`, every offer must carry it in the `X-Fastavatar-Token` header (the page takes it from its own URL,
+`/?token=...`), else 403.
+
 Third-party browser modules (three.js, Spark) are served from `static/node_modules` at `/vendor/...`;
 `fastavatar-stream setup-web` (npm ci) installs them. Without them the page still connects, shows the
 camera and counters, and says how to install the 3D view.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -102,6 +111,22 @@ class ServerConfig:
     stats_interval: float = 0.5
     static_dir: Path = STATIC_DIR
     node_modules: Path = NODE_MODULES
+    allow_origins: list[str] = field(default_factory=list)  # browser origins allowed besides the served one
+    token: str | None = None  # when set, every offer carries it in the X-Fastavatar-Token header
+
+
+TOKEN_HEADER = "X-Fastavatar-Token"
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def served_origins(host: str, port: int) -> set[str]:
+    """Origins of the page served on host:port (a wildcard bind is reached through loopback names here)."""
+    names = {f"[{host}]" if ":" in host else host}
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""):
+        names.update(_LOOPBACK_NAMES)
+    names.discard("0.0.0.0")
+    names.discard("[::]")
+    return {f"{scheme}://{name}:{port}" for name in names for scheme in ("http", "https")}
 
 
 class Peer:
@@ -201,10 +226,30 @@ class WebRTCServer:
         self.hub = hub
         self.config = config or ServerConfig()
         self.peers: dict[str, Peer] = {}
+        self.origins: set[str] = {o.rstrip("/") for o in self.config.allow_origins}
+        self.any_interface = False  # bound to every interface: the page may be reached under any host name
+
+    def refuse(self, request: web.Request) -> web.Response | None:
+        """The response refusing an offer from someone who may not make one, or None."""
+        if request.content_type != "application/json":
+            return _error(415, "an offer is sent as Content-Type: application/json")
+        origin = request.headers.get("Origin")
+        addressed = {f"{scheme}://{request.host}" for scheme in ("http", "https")} if self.any_interface else set()
+        if origin is not None and origin.rstrip("/") not in self.origins | addressed:
+            log.warning("refused an offer from origin %r (allowed: the served page, --allow-origin)", origin)
+            return _error(403, "this origin may not start sessions here (the daemon allows its own page and "
+                               "--allow-origin)")
+        token = self.config.token
+        if token and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, "").encode(), token.encode()):
+            return _error(403, f"a valid {TOKEN_HEADER} header is needed (open the page as /?token=...)")
+        return None
 
     async def offer(self, request: web.Request) -> web.Response:
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
+        refused = self.refuse(request)
+        if refused is not None:
+            return refused
         try:
             body = await request.json(loads=json.loads)
         except (ValueError, UnicodeDecodeError):
@@ -357,5 +402,9 @@ async def start_http(hub: SessionHub, host: str = "127.0.0.1", port: int = 8080,
         from fastavatar_stream.errors import UserError
 
         raise UserError(f"cannot listen on http://{host}:{port}: {exc.strerror or exc}") from None
+    bound_port = runner.addresses[0][1]
+    server = runner.app[WEBRTC_KEY]
+    server.origins |= served_origins(host, bound_port)
+    server.any_interface = host in ("0.0.0.0", "::", "")
     log.info("serving the page and WebRTC signaling on http://%s:%d/", *runner.addresses[0][:2])
     return runner

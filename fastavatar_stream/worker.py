@@ -11,6 +11,9 @@ In live mode a session holds its next window back while that window would add li
 refinement has not had its share of the engine yet (`Session.window_deferred`), so a live avatar is refined
 too, and more so once the camera has shown every side it is going to show.
 A failure in one session's window ends that session, never the worker.
+A failure in one session's window ends that session, never the worker. `remove_session` returns only once the
+worker is not working on that session (a burst in progress ends at its next step), so no version of a removed
+session comes after it and everything the worker held for it (its SessionEngine) is freed.
 """
 from __future__ import annotations
 
@@ -70,6 +73,8 @@ class EngineWorker(threading.Thread):
         self._sessions: dict[str, Session] = {}
         self._engines: dict[str, SessionEngine] = {}
         self._wake = threading.Condition()
+        self._busy: set[str] = set()  # sessions whose window or burst is running now
+        self._leaving: set[str] = set()  # sessions being removed: a running burst ends early
         self._stopping = False
         self.windows_done = 0
         self.busy_s = 0.0
@@ -82,8 +87,13 @@ class EngineWorker(threading.Thread):
             self._wake.notify()
 
     def remove_session(self, session_id: str) -> None:
+        """Forget a session; returns once the worker is not working on it (call it off the event loop)."""
         with self._wake:
             self._sessions.pop(session_id, None)
+            self._leaving.add(session_id)
+            while session_id in self._busy and self.is_alive():
+                self._wake.wait(timeout=0.1)
+            self._leaving.discard(session_id)
             self._engines.pop(session_id, None)
 
     def notify(self) -> None:
@@ -96,8 +106,11 @@ class EngineWorker(threading.Thread):
             self._wake.notify()
 
     def window_waiting(self) -> bool:
-        """True when any session has a window ready for the engine (ends a refinement burst early)."""
+        """True when any session has a window ready for the engine, or one is being removed (ends a refinement
+        burst early)."""
         with self._wake:
+            if self._leaving:
+                return True
             sessions = list(self._sessions.values())
         return any(s.state != "failed" and s.oldest_ready() is not None for s in sessions)
 
@@ -111,15 +124,39 @@ class EngineWorker(threading.Thread):
                 sessions = list(self._sessions.values())
             picked = self._oldest_ready(sessions)
             if picked:
-                self._run_windows(picked)
+                claimed = self._claim([session for session, _ in picked])
+                for session, _ in picked:
+                    if session not in claimed:  # removed meanwhile: its window is dropped
+                        session.window_finished()
+                try:
+                    self._run_windows([(s, w) for s, w in picked if s in claimed])
+                finally:
+                    self._release(claimed)
                 continue
             candidates = [s for s in sessions if s.wants_refinement() and s.state != "failed"]
             if candidates:
-                self._refine_burst(min(candidates, key=lambda s: s.refine_spent))
+                claimed = self._claim([min(candidates, key=lambda s: s.refine_spent)])
+                try:
+                    for session in claimed:
+                        self._refine_burst(session)
+                finally:
+                    self._release(claimed)
                 continue
             with self._wake:
                 if not self._stopping:
                     self._wake.wait(timeout=0.05)
+
+    def _claim(self, sessions: list[Session]) -> list[Session]:
+        """Mark these sessions as worked on, leaving out any removed meanwhile."""
+        with self._wake:
+            claimed = [s for s in sessions if s.id in self._sessions]
+            self._busy.update(s.id for s in claimed)
+        return claimed
+
+    def _release(self, sessions: list[Session]) -> None:
+        with self._wake:
+            self._busy.difference_update(s.id for s in sessions)
+            self._wake.notify_all()
 
     def _oldest_ready(self, sessions: list[Session]) -> list[tuple[Session, Window]]:
         """Up to `max_batch` ready windows, one per session, oldest first."""

@@ -116,6 +116,8 @@ class Reassembler:
         self._max_total = limits.max_message_bytes + 4 * (limits.max_arrays + 2)
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[bytes] | None:
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise ProtocolError(f"a chunk is bytes, got {type(chunk).__name__}")
         chunk = bytes(chunk)
         if not CHUNK_HEADER.size < len(chunk) <= self.max_chunk_bytes:
             raise ProtocolError(f"chunk of {len(chunk)} bytes (allowed {CHUNK_HEADER.size + 1}..{self.max_chunk_bytes})")

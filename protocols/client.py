@@ -36,8 +36,8 @@ from protocols.animation import Motion, Rig, decode_motion, pose
 from protocols.avatar_buffer import AvatarBuffer
 from protocols.errors import ProtocolError
 from protocols.wire import Limits, Message, decode
-from protocols.zmq_transport import (MOTION_PREFIX, RIG_PREFIX, ControlReply, decode_reply, encode_request,
-                                     motion_topic, rig_topic, topic_for)
+from protocols.zmq_transport import (MOTION_PREFIX, RIG_PREFIX, ControlReply, CurveClient, decode_reply,
+                                     encode_request, motion_topic, rig_topic, topic_for)
 
 __all__ = ["AvatarSubscriber", "AvatarVersion", "PosedFrame", "SubscriberStats", "pose"]
 
@@ -106,11 +106,12 @@ class AvatarSubscriber:
 
     connect: the daemon's PUB endpoint; control: its ROUTER endpoint; session: follow only this
     session (None: every session the daemon publishes). `next_version(timeout)` raises TimeoutError.
+    security: a `CurveClient` when the daemon runs with CURVE keys.
     """
 
     def __init__(self, connect: str, control: str, session: str | None = None, *, limits: Limits = Limits(),
                  rcvhwm: int = 8, snapshot_retry_s: float = 0.5, request_timeout_s: float = 5.0,
-                 idle_check_s: float = 1.0, animate: bool = True) -> None:
+                 idle_check_s: float = 1.0, animate: bool = True, security: CurveClient | None = None) -> None:
         self.session = session
         self.idle_check_s = idle_check_s
         self.limits = limits
@@ -123,6 +124,8 @@ class AvatarSubscriber:
         for sock in (self._sub, self._control):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+            if security is not None:
+                security.apply(sock)
         self._sub.setsockopt(zmq.RCVHWM, rcvhwm)
         try:
             self._sub.connect(connect)
@@ -183,7 +186,7 @@ class AvatarSubscriber:
             args = {**{k: v for k, v in command.items() if k != "command"}, **args}
             command = command["command"]
         request_id = next(self._ids)
-        self._control.send(encode_request(command, args, request_id))
+        self._send(encode_request(command, args, request_id))
         self._awaiting.add(request_id)
         limit = self.request_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -323,12 +326,20 @@ class AvatarSubscriber:
         if now >= self._next_list_at:
             self._next_list_at = now + (self.snapshot_retry_s if not self._sessions else self.idle_check_s)
             self._list_id = next(self._ids)
-            self._control.send(encode_request("list", {}, self._list_id))
+            self._send(encode_request("list", {}, self._list_id))
 
     def _ask_snapshot(self, name: str, state: _Session, now: float) -> None:
         state.request_id = next(self._ids)
         state.next_request_at = now
-        self._control.send(encode_request("snapshot", {"session": name}, state.request_id))
+        self._send(encode_request("snapshot", {"session": name}, state.request_id))
+
+    def _send(self, frame: bytes) -> None:
+        """Queue a request without ever blocking: a control socket with no usable peer (no daemon, or a CURVE
+        handshake it refused) drops it and the caller's reply wait times out."""
+        try:
+            self._control.send(frame, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("control request not sent: no connected daemon")
 
     def _on_reply(self, frames: list[bytes]) -> None:
         try:

@@ -224,7 +224,8 @@ def _array_specs(specs: Any, limits: Limits) -> list[tuple[str, np.dtype, tuple[
             raise ProtocolError(f"array {name!r} has an invalid shape {shape!r} (non-negative ints, "
                                 f"rank <= {limits.max_rank})")
         elements = math.prod(shape)
-        if elements > limits.max_elements:
+        # each dimension on its own too: a zero beside a huge one has no elements but cannot be built
+        if elements > limits.max_elements or any(s > limits.max_elements for s in shape):
             raise ProtocolError(f"array {name!r} has {elements} elements, limit is {limits.max_elements}")
         nbytes = elements * DTYPES[dtype].itemsize
         total += nbytes
@@ -268,7 +269,10 @@ def decode(frames: Sequence[bytes | bytearray | memoryview], limits: Limits = Li
         size = memoryview(frame).nbytes
         if size != nbytes:
             raise ProtocolError(f"array {name!r} {list(shape)} {dtype.name} needs {nbytes} bytes, frame has {size}")
-        arrays[name] = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        try:
+            arrays[name] = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        except ValueError as exc:  # numpy's own bounds (e.g. its maximum dimension size)
+            raise ProtocolError(f"array {name!r} {list(shape)} cannot be built: {exc}") from None
     msg = Message(type=kind, session=session, version=_int(header, "version", 0),
                   base_version=_int(header, "base_version", -1), seq=_int(header, "seq", 0),
                   t_capture=_float(header, "t_capture"), t_publish=_float(header, "t_publish"),

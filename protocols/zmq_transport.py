@@ -12,7 +12,10 @@ Concurrency choice: everything here is meant to run on the daemon's asyncio even
   time through a handler callback (sync or async). Malformed requests get an error reply; an
   exception in the handler becomes an error reply; the server keeps serving.
 
-Both bind to 127.0.0.1 unless told otherwise. Sockets are not thread-safe: use each object from the
+Both bind to 127.0.0.1 unless told otherwise. With a `CurveServer` (`security=`) both sockets use ZeroMQ CURVE:
+encrypted, and only clients whose public key is in the key folder are let in (pyzmq's own `zmq.auth`
+authenticator decides); subscribers pass a `CurveClient`. `make_keys(DIR)` writes server.key,
+server.key_secret, client.key and client.key_secret. Sockets are not thread-safe: use each object from the
 thread (event loop) that created it.
 
 PUB messages: [topic, header, buffer...] with topic = session UTF-8 + b"\\0" (so a SUB filter for
@@ -32,6 +35,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import msgpack
@@ -71,6 +75,76 @@ COMMANDS: dict[str, dict[str, tuple[type, bool]]] = {
 
 MOTION_PREFIX = b"\x01"
 RIG_PREFIX = b"\x02"
+# ----- CURVE security -------------------------------------------------------------------------------
+KEY_FILES = ("server.key", "server.key_secret", "client.key", "client.key_secret")
+
+
+def make_keys(folder: str | Path) -> list[Path]:
+    """Write a server and a client CURVE key pair (zmq.auth certificate files) into `folder`."""
+    import zmq.auth
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("server", "client"):
+        zmq.auth.create_certificates(str(folder), name)
+    for secret in (folder / "server.key_secret", folder / "client.key_secret"):
+        secret.chmod(0o600)
+    return [folder / name for name in KEY_FILES]
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    if not path.is_file():
+        raise ProtocolError(f"CURVE key file {path} is missing; make keys with `fastavatar-stream keys DIR`")
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as exc:
+        raise ProtocolError(f"CURVE key file {path} is not a zmq.auth certificate: {exc}") from None
+
+
+class CurveServer:
+    """Server side of CURVE: the server key pair, and a zmq.auth authenticator that admits the client public
+    keys (`*.key`) of `folder`. Sockets must be made from `context` (one per process is enough)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        folder = Path(folder)
+        self.public, self.secret = _load(folder / "server.key_secret")
+        if self.secret is None:
+            raise ProtocolError(f"{folder / 'server.key_secret'} holds no secret key")
+        self.context = zmq.Context()
+        self._auth = ThreadAuthenticator(self.context)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(folder))
+
+    def apply(self, socket: zmq.Socket) -> None:
+        socket.curve_secretkey = self.secret
+        socket.curve_publickey = self.public
+        socket.curve_server = True
+
+    def async_context(self) -> zmq.asyncio.Context:
+        return zmq.asyncio.Context.shadow(self.context.underlying)
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+class CurveClient:
+    """Client side of CURVE: the client key pair and the server's public key, from a `make_keys` folder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.server_public, _ = _load(folder / "server.key")
+        self.public, self.secret = _load(folder / "client.key_secret")
+        if self.secret is None:
+            raise ProtocolError(f"{folder / 'client.key_secret'} holds no secret key")
+
+    def apply(self, socket: zmq.Socket) -> None:
+        socket.curve_serverkey = self.server_public
+        socket.curve_publickey = self.public
+        socket.curve_secretkey = self.secret
 
 
 def topic_for(session: str) -> bytes:
@@ -186,12 +260,16 @@ class AvatarPublisher:
     """PUB socket publishing each session's avatar as deltas; holds what was published for snapshots."""
 
     def __init__(self, bind: str = DEFAULT_PUBLISH, *, sndhwm: int = DEFAULT_SNDHWM, limits: Limits = Limits(),
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, security: CurveServer | None = None) -> None:
+        if context is None and security is not None:
+            context = security.context
         self._own_context = context is None
         self._context = context if context is not None else zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if security is not None:
+            security.apply(self._socket)
         try:
             self._socket.bind(bind)
         except zmq.ZMQError as exc:
@@ -321,16 +399,21 @@ class ControlServer:
     """
 
     def __init__(self, handler: Handler, bind: str = DEFAULT_CONTROL, *, limits: Limits = Limits(),
-                 max_request_bytes: int = MAX_REQUEST_BYTES, context: zmq.asyncio.Context | None = None) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES, context: zmq.asyncio.Context | None = None,
+                 security: CurveServer | None = None) -> None:
         self.handler = handler
         self.limits = limits
         self.max_request_bytes = max_request_bytes
         self.requests = 0
         self.errors = 0
+        if context is None and security is not None:
+            context = security.async_context()
         self._own_context = context is None
         self._context = context if context is not None else zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if security is not None:
+            security.apply(self._socket)
         # a peer sending a bigger frame is disconnected by libzmq before we hold it in memory
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
         try:

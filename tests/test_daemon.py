@@ -186,7 +186,8 @@ def test_serve_starts_sessions_from_the_control_api_and_shuts_down_cleanly(tmp_p
 
     pub, ctl = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     daemon = subprocess.Popen(CLI + ["serve", "--publish", pub, "--control", ctl, "--weights", str(micro_weights),
-                                     "--refine", "0", "--snapshot-dir", str(tmp_path / "snaps")],
+                                     "--refine", "0", "--snapshot-dir", str(tmp_path / "snaps"),
+                                     "--allow-source", str(clip.parent), "--allow-source", str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
     try:
         with AvatarSubscriber(pub, ctl) as subscriber:

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import ipaddress
+import math
+import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 from fastavatar_stream.errors import UserError
 
@@ -14,14 +18,16 @@ DEVICE_HELP = "where the model runs: auto (CUDA when available, else CPU; defaul
 
 
 def output_dir(path: str | Path, option: str = "--out") -> Path:
-    """Create the output folder, or raise one clear UserError when it cannot be one."""
+    """Create the output folder and check that files can be written there, or raise one clear UserError."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} exists and is not a folder; choose a folder path")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
     except OSError as exc:
-        raise UserError(f"cannot create {option} folder {out}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write to {option} folder {out}: {exc.strerror or exc}") from None
     return out
 
 
@@ -51,3 +57,33 @@ def resolve_device(text: str) -> str:
     if index >= torch.cuda.device_count():
         raise UserError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
     return text
+def number(value: float, option: str, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> float:
+    """A finite number within the bounds, or one clear UserError naming the option."""
+    bad = not math.isfinite(value)
+    bad = bad or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
+        hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
+        raise UserError(f"{option} must be a finite number in {lo or '(-inf'}, {hi or 'inf)'}, got {value}")
+    return value
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def zmq_endpoint_is_local(endpoint: str) -> bool:
+    """True for ipc:// and inproc:// endpoints and tcp:// endpoints on a loopback address."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    parsed = urlparse(endpoint)
+    host = endpoint[len("tcp://"):].rpartition(":")[0] if parsed.scheme == "tcp" else ""
+    return is_loopback_host(host)

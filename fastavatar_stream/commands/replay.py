@@ -10,13 +10,18 @@ import tempfile
 from pathlib import Path
 
 from engine.errors import InputError
-from fastavatar_stream.commands._common import (DEVICE_HELP, WEIGHTS_HELP, add_landmarks_option, output_dir,
-                                               resolve_device)
+from fastavatar_stream.commands._common import (DEVICE_HELP, WEIGHTS_HELP, add_landmarks_option, number,
+                                               output_dir, resolve_device)
 
 log = logging.getLogger(__name__)
 
 #: refinement budget of the demo: keeps `replay --demo` well under two minutes on 2 CPU cores
 DEMO_REFINE_SECONDS = 20.0
+#: field of view a camera may have (degrees): the tracker's projection needs 0 < fov < 180 and is only
+#: meaningful for real lenses well inside that
+FOV_RANGE = (5.0, 160.0)
+#: exit codes of an interrupted replay (128 + the signal number, as a shell reports it)
+EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -54,12 +59,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "and importance pruning; default for the official weights)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     add_landmarks_option(p)
-    p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the camera in degrees")
+    p.add_argument("--fov", type=float, default=40.0,
+                   help=f"horizontal field of view of the camera in degrees ({FOV_RANGE[0]:g}..{FOV_RANGE[1]:g}; "
+                        f"default 40)")
     p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                    help="after the stream's last window, keep the session open this long: refinement goes on "
                         "while its budget lasts and late subscribers still get snapshots; with a hold-out the "
                         "avatar is scored at the stream's end and every 10 s of lingering")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog = "exit codes: 0 done, 2 bad input, 130 SIGINT, 143 SIGTERM (what was built is written)"
     p.set_defaults(func=run)
     return p
 
@@ -75,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--holdout K needs K >= 2 (every K-th frame is held out)")
     if not (0.0 <= args.holdout_tail < 1.0):
         raise InputError(f"--holdout-tail must be a fraction in [0, 1), got {args.holdout_tail:g}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
+    number(args.fov, "--fov", low=FOV_RANGE[0], high=FOV_RANGE[1])
+    number(args.linger, "--linger", low=0)
+    if args.refine is not None:
+        number(args.refine, "--refine", low=0)
     source = args.source
     if args.demo:
         from fastavatar_stream.demo import make_demo_clip
@@ -85,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     output_dir(args.out)
     refine = 0.0 if args.no_refine else (DEMO_REFINE_SECONDS if args.refine is None else args.refine)
-    if refine < 0:
-        raise InputError("--refine must be >= 0 seconds")
     opts = ReplayOptions(source=source, out=args.out, weights=args.weights, realtime=args.realtime,
                          publish=args.publish, control=args.control, holdout=args.holdout,
                          holdout_tail=args.holdout_tail, refine_seconds=refine,
@@ -99,5 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if report.get("holdout"):
         summary["holdout"] = {k: report["holdout"].get(k) for k in ("psnr", "ssim", "identity_distance")}
     print(json.dumps(summary))
+    if report.get("interrupted"):
+        print(f"fastavatar-stream replay: interrupted by {report['signal']}; wrote what was built to {args.out}",
+              file=sys.stderr)
+        return EXIT_ON_SIGNAL[report["signal"]]
     log.info("wrote %s", ", ".join(str(args.out / n) for n in ("avatar.ply", "report.json", "preview.png")))
     return 0

@@ -46,6 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="give up after S seconds without a new version (exit 2 if none arrived at all)")
     p.add_argument("--session", default=None, help="follow this session (default: the first one that arrives)")
+    p.add_argument("--curve-keys", metavar="DIR", default=None,
+                   help="the daemon runs with CURVE keys: DIR holds server.key and client.key_secret "
+                        "(`fastavatar-stream keys DIR`)")
     p.set_defaults(func=run)
     return p
 
@@ -72,13 +75,15 @@ def _check(args) -> Path:
 def run(args) -> int:
     from protocols.client import AvatarSubscriber
     from protocols.ply import save_ply
+    from protocols.zmq_transport import CurveClient
 
     out = _check(args)
     if args.animate is not None:
         return animate(args)
+    security = CurveClient(args.curve_keys) if args.curve_keys else None
     written = 0
     session = args.session
-    with AvatarSubscriber(args.connect, args.control, session=session) as sub:
+    with AvatarSubscriber(args.connect, args.control, session=session, security=security) as sub:
         while not args.count or written < args.count:
             try:
                 state = sub.next_version(timeout=args.timeout)

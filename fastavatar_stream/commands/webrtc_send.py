@@ -33,6 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=5.0, metavar="S",
                    help="after the clip ends, stop once nothing new arrived for S seconds (default 5)")
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="send at most N frames")
+    p.add_argument("--token", default=None, help="the daemon's offer token (serve --token)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server URL (repeatable; default none)")
     p.set_defaults(func=run)
@@ -61,7 +62,8 @@ def run(args) -> int:
 
     out = _check(args)
     result = asyncio.run(run_client(args.video, args.url, timeout=args.timeout, settle=args.settle,
-                                    max_frames=args.max_frames, rtc_config=make_rtc_config(args.ice_server)))
+                                    max_frames=args.max_frames, rtc_config=make_rtc_config(args.ice_server),
+                                    token=args.token))
     report = result.report()
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if result.buffer is None:

@@ -189,8 +189,12 @@ async function start() {
   try {
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIce(pc, 3000);
+    // a daemon started with --token needs it on every offer; the page was opened as /?token=...
+    const token = new URLSearchParams(location.search).get("token");
+    const headers = { "Content-Type": "application/json" };
+    if (token) headers["X-Fastavatar-Token"] = token;
     const resp = await fetch("/offer", {
-      method: "POST", headers: { "Content-Type": "application/json" },
+      method: "POST", headers,
       body: JSON.stringify({ type: pc.localDescription.type, sdp: pc.localDescription.sdp }),
     });
     const answer = await resp.json();
