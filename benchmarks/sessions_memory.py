@@ -58,7 +58,7 @@ async def run(args: argparse.Namespace) -> dict:
                 print(f"{i + 1} sessions: RSS {series[-1]:.0f} MB, in memory {len(daemon.sessions)} sessions, "
                       f"worker {len(daemon.worker._sessions)}", flush=True)
         held = {"daemon_sessions": len(daemon.sessions), "daemon_buffers": len(daemon.buffers),
-                "worker_sessions": len(daemon.worker._sessions), "worker_refiners": len(daemon.worker._refiners)}
+                "worker_sessions": len(daemon.worker._sessions), "worker_engines": len(daemon.worker._engines)}
     finally:
         await daemon.shutdown()
     base = series[min(BASELINE_SESSION, len(series)) - 1]
