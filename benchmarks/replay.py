@@ -122,7 +122,7 @@ def thin(pairs: list, limit: int = 400) -> list:
 
 
 def summarize(report: dict, wall_s: float | None = None) -> dict:
-    """The benchmark's view of a replay report (ReplayReport.to_dict() plus replay extras)."""
+    """The benchmark's view of a replay report (SessionReport.to_dict() plus replay extras)."""
     extra = report.get("extra", {})
     wall = wall_s if wall_s is not None else report["wall_s"]
     versions = report.get("versions_published", report.get("versions", []))

@@ -1,4 +1,5 @@
-"""The replay report: what a run read, tracked, dropped, published, and how fast (written as report.json)."""
+"""A session's report: what a stream read, tracked, dropped, published, and how fast (report.json); bounded
+however long the session runs."""
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def json_safe(x):
 
 
 @dataclass
-class ReplayReport:
-    """Counts and timings of one replay. Times are seconds; `t_*` arguments are time.time() values.
+class SessionReport:
+    """Counts and timings of one session (a replay or a live stream). Times are seconds; `t_*` arguments are
+    time.time() values.
 
     versions / n_gaussians: avatar version numbers published and the Gaussian count of each (same order), the
     newest `MAX_RECORDS` of them (a daemon session may run for days); versions_total counts every version.
@@ -102,7 +104,7 @@ class ReplayReport:
         if self.first_avatar_s is None and self._t_first_frame is not None:
             self.first_avatar_s = t_publish - self._t_first_frame
 
-    def finish(self, timer: StageTimer | None = None, t: float | None = None) -> "ReplayReport":
+    def finish(self, timer: StageTimer | None = None, t: float | None = None) -> "SessionReport":
         """Close the run: wall time, media time, real-time factor, stage and latency percentiles."""
         t_end = time.time() if t is None else t
         if self._t_start is not None:

@@ -18,7 +18,7 @@ from engine.fusion import AvatarState, IncrementalFuser
 from fastavatar_stream.frames import TrackedFrame, Window
 from fastavatar_stream.prepare import FramePreparer, PreparedFrame, crop_resize
 from fastavatar_stream.timing import StageTimer
-from fastavatar_stream.report import ReplayReport
+from fastavatar_stream.report import SessionReport
 from fastavatar_stream.windowing import Windower
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Session:
         self.name = name
         self.options = options
         self.tracker = tracker
-        self.report = ReplayReport(source=name, realtime=options.live)
+        self.report = SessionReport(source=name, realtime=options.live)
         self.preparer = FramePreparer(size=input_size, scale=crop_scale, expects_matted=expects_matted,
                                       head_box=head_box, notes=self.report.notes)
         self.windower = Windower(session_id)

@@ -6,14 +6,14 @@ import json
 import pytest
 
 from fastavatar_stream.timing import StageTimer
-from fastavatar_stream.report import ReplayReport
+from fastavatar_stream.report import SessionReport
 
 CONTRACT_KEYS = {"frames_read", "frames_tracked", "frames_dropped", "windows", "versions", "n_gaussians",
                  "wall_s", "realtime_factor", "first_avatar_s", "stages"}
 
 
 def test_report_figures_and_json(tmp_path):
-    rep = ReplayReport(source="clip.mp4", fps=25.0)
+    rep = SessionReport(source="clip.mp4", fps=25.0)
     rep.start(t=1000.0)
     for i in range(50):  # 2 s of media read in 1 s of wall time
         rep.frame_read(pts=i / 25, t_capture=1000.0 + i * 0.02)
@@ -41,7 +41,7 @@ def test_report_figures_and_json(tmp_path):
 
 
 def test_empty_report_is_valid_json():
-    rep = ReplayReport(source="x")
+    rep = SessionReport(source="x")
     rep.start()
     data = json.loads(rep.finish().to_json())  # NaN percentiles become null
     assert data["latency"]["p50"] is None and data["first_avatar_s"] is None and data["realtime_factor"] == 0.0
