@@ -86,7 +86,7 @@ class Feeder(threading.Thread):
     def run(self) -> None:
         start = time.perf_counter()
         n = 0
-        while (now := time.perf_counter()) - start < self.seconds:
+        while time.perf_counter() - start < self.seconds:
             for session in self.sessions:
                 source = self.frames[n % len(self.frames)]
                 session.add_tracked(dataclasses.replace(source, index=n, pts=n / FPS, t_capture=time.time()))

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import io
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
