@@ -11,7 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_webrtc_browser import CHROMIUM, CHROMIUM_FLAGS, CLEAR_RGB, Cdp, make_y4m  # noqa: E402
+from test_webrtc_browser import CHROMIUM, CLEAR_RGB, Cdp, make_y4m, open_page  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                                "(apt-get install -y chromium)")
@@ -95,58 +94,29 @@ async def _state(cdp: Cdp) -> dict:
 
 
 async def _drive_page(url: str, y4m: Path, profile: Path, artifacts: Path, stop_sessions) -> dict:
-    import aiohttp
+    async with open_page(url, y4m, profile) as cdp:
+        state: dict = {}
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            state = await _state(cdp)
+            if state.get("rigs", 0) >= 1 and state.get("posesShown", 0) >= 10 and state.get("viewer") == "ready":
+                break
+        first = state
+        await asyncio.sleep(4.0)
+        live = await _state(cdp)
+        await stop_sessions()  # no new avatar versions: the pictures below differ by the jaw alone
+        for _ in range(3):  # a version already on its way may still arrive: then look again
+            closed, opened, again = [await _posed(cdp, jaw) for jaw in (0.0, 0.45, 0.0)]
+            if _changed(view(closed), view(again)).mean() < 0.002:
+                break
+        jitter = await cdp.evaluate(JITTER_CHECK)
+        inputs = await cdp.evaluate(f"window.fastavatar.poseInputs({json.dumps(TEST_MOTION)})")
+        from PIL import Image
 
-    proc = subprocess.Popen([str(CHROMIUM), *CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={y4m}",
-                             f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not port_file.is_file() or len(port_file.read_text().splitlines()) < 2:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"chromium did not start: {proc.stderr.read().decode()[-2000:]}")
-            await asyncio.sleep(0.1)
-        port, path = port_file.read_text().splitlines()[:2]
-        async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{path}",
-                                                                    max_msg_size=0) as ws:
-            cdp = Cdp(ws)
-            target = await cdp.send("Target.createTarget", {"url": "about:blank"}, page=False)
-            attached = await cdp.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True},
-                                      page=False)
-            cdp.session = attached["sessionId"]
-            await cdp.send("Runtime.enable")
-            await cdp.send("Emulation.setDeviceMetricsOverride",
-                           {"width": 1100, "height": 640, "deviceScaleFactor": 1, "mobile": False})
-            await cdp.send("Page.navigate", {"url": url})
-            state: dict = {}
-            deadline = time.monotonic() + 150
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                state = await _state(cdp)
-                if state.get("rigs", 0) >= 1 and state.get("posesShown", 0) >= 10 and state.get("viewer") == "ready":
-                    break
-            first = state
-            await asyncio.sleep(4.0)
-            live = await _state(cdp)
-            await stop_sessions()  # no new avatar versions: the pictures below differ by the jaw alone
-            for _ in range(3):  # a version already on its way may still arrive: then look again
-                closed, opened, again = [await _posed(cdp, jaw) for jaw in (0.0, 0.45, 0.0)]
-                if _changed(view(closed), view(again)).mean() < 0.002:
-                    break
-            jitter = await cdp.evaluate(JITTER_CHECK)
-            inputs = await cdp.evaluate(f"window.fastavatar.poseInputs({json.dumps(TEST_MOTION)})")
-            from PIL import Image
-
-            Image.fromarray(np.concatenate([closed, opened], axis=1).astype(np.uint8)).save(artifacts / "jaw.png")
-            return {"first": first, "live": live, "closed": closed, "opened": opened, "jitter": jitter, "inputs": inputs,
-                    "console": cdp.console}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        Image.fromarray(np.concatenate([closed, opened], axis=1).astype(np.uint8)).save(artifacts / "jaw.png")
+        return {"first": first, "live": live, "closed": closed, "opened": opened, "jitter": jitter, "inputs": inputs,
+                "console": cdp.console}
 
 
 def test_the_page_animates_the_live_avatar_and_the_jaw_moves_the_mouth(real_clip, tmp_path):

@@ -9,6 +9,7 @@ path is printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import io
 import json
@@ -95,7 +96,10 @@ class Cdp:
         return result["result"].get("value")
 
 
-async def _browser_session(url: str, y4m: Path, profile: Path, shot: Path) -> dict:
+@contextlib.asynccontextmanager
+async def open_page(url: str, y4m: Path, profile: Path):
+    """Headless Chromium with `y4m` as its camera, one page attached over the DevTools protocol and navigated to
+    `url` (1100x640); yields the page's `Cdp`; the browser is ended on exit."""
     import aiohttp
 
     proc = subprocess.Popen([str(CHROMIUM), *CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={y4m}",
@@ -120,29 +124,34 @@ async def _browser_session(url: str, y4m: Path, profile: Path, shot: Path) -> di
             await cdp.send("Emulation.setDeviceMetricsOverride",
                            {"width": 1100, "height": 640, "deviceScaleFactor": 1, "mobile": False})
             await cdp.send("Page.navigate", {"url": url})
-            state: dict = {}
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                state = await cdp.evaluate("window.fastavatar ? JSON.parse(JSON.stringify(window.fastavatar)) : null") or {}
-                if state.get("versions", 0) >= 4 and state.get("viewer") == "ready" and state.get("gaussians", 0) > 0:
-                    break
-            # let the software renderer draw (and Spark sort) the newest version
-            await asyncio.sleep(3.0)
-            state = await cdp.evaluate("JSON.parse(JSON.stringify(window.fastavatar))")
-            ply = await cdp.evaluate("window.fastavatar.plyBytes().then(b => btoa(String.fromCharCode(...b.subarray(0, 4096))))")
-            shot.write_bytes(base64.b64decode((await cdp.send("Page.captureScreenshot", {"format": "png"}))["data"]))
-            state["ply_head"] = base64.b64decode(ply)
-            state["counters"] = await cdp.evaluate(
-                "Object.fromEntries([...document.querySelectorAll('.counters dd')].map(d => [d.id, d.textContent]))")
-            state["console"] = cdp.console
-            return state
+            yield cdp
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def _browser_session(url: str, y4m: Path, profile: Path, shot: Path) -> dict:
+    async with open_page(url, y4m, profile) as cdp:
+        state: dict = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            state = await cdp.evaluate("window.fastavatar ? JSON.parse(JSON.stringify(window.fastavatar)) : null") or {}
+            if state.get("versions", 0) >= 4 and state.get("viewer") == "ready" and state.get("gaussians", 0) > 0:
+                break
+        # let the software renderer draw (and Spark sort) the newest version
+        await asyncio.sleep(3.0)
+        state = await cdp.evaluate("JSON.parse(JSON.stringify(window.fastavatar))")
+        ply = await cdp.evaluate("window.fastavatar.plyBytes().then(b => btoa(String.fromCharCode(...b.subarray(0, 4096))))")
+        shot.write_bytes(base64.b64decode((await cdp.send("Page.captureScreenshot", {"format": "png"}))["data"]))
+        state["ply_head"] = base64.b64decode(ply)
+        state["counters"] = await cdp.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('.counters dd')].map(d => [d.id, d.textContent]))")
+        state["console"] = cdp.console
+        return state
 
 
 def test_page_streams_camera_and_renders_avatar(real_clip, tmp_path):
