@@ -11,7 +11,7 @@ the camera), the window takes all of them: the stride grows to the number pendin
 overlap` of them become sparse frames chosen for head-pose coverage (greedy farthest-point sampling on
 yaw, pitch, jaw opening and expression plus a time term, always keeping the newest frame so the avatar
 is current), and the rest go to the window's FramePack pool (bounded, most informative first). The
-strides used are kept in `Windower.strides`.
+strides used are kept in `Windower.strides` (the newest `STRIDES_KEPT`).
 
 Pose coverage: every frame that went into a window marks its head-pose cell (yaw and pitch of the head as its
 camera sees it, in cells of `coverage_cell`). `coverage_gain()` is the fraction of the pending frames whose
@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .frames import TrackedFrame, Window
 from .tracking.rotations import rotation_matrix
+
+#: strides a windower remembers (a live session may cut windows for days)
+STRIDES_KEPT = 1000
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ class Windower:
     max_pending: int = 256
     coverage_cell: float = 0.08
     stats: WindowerStats = field(default_factory=WindowerStats)
-    strides: list[int] = field(default_factory=list)
+    strides: deque[int] = field(default_factory=lambda: deque(maxlen=STRIDES_KEPT))  # the newest windows' strides
 
     def __post_init__(self) -> None:
         if not (0 <= self.overlap < self.window_size):

@@ -43,7 +43,7 @@ def test_replay_schedule_for_every_length(n):
     assert [win.frames[-1].index + 1 for win in windows] == [t for t, _ in sched]
     assert [win.index for win in windows] == list(range(len(windows)))
     assert all(win.pool == [] for win in windows)  # replay keeps up: no frame skipped
-    assert w.strides == [1, 3, 4][: len(windows)] + [12] * max(0, len(windows) - 3)
+    assert list(w.strides) == [1, 3, 4][: len(windows)] + [12] * max(0, len(windows) - 3)
     # the tail is flushed as a last, smaller window so no frame is lost
     tail = w.flush()
     covered = {f.index for win in windows for f in win.frames}
@@ -134,7 +134,7 @@ def test_live_stride_grows_under_a_slow_consumer():
         w.add(frame(i, yaw=0.2 * np.sin(i / 5)))
         if i % 30 == 29 and (win := w.take()) is not None:  # engine free again
             windows.append(win)
-    assert [x.stride for x in windows] == [30] * 6 == w.strides
+    assert [x.stride for x in windows] == [30] * 6 == list(w.strides)
     for win in windows:
         assert win.frames[-1].index == 30 * (win.index + 1) - 1  # starts from the newest frame
         assert len(win.frames) == 16  # first: 16 new; then 4 overlap + 12 new
@@ -145,7 +145,7 @@ def test_live_stride_grows_under_a_slow_consumer():
         w.add(frame(i))
         if (win := w.take()) is not None:
             windows.append(win)
-    assert w.strides[6:] == [21, 12, 12]
+    assert list(w.strides)[6:] == [21, 12, 12]
 
 
 def test_pool_keeps_the_most_informative_frames():
