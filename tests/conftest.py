@@ -28,6 +28,26 @@ def real_clip(shared_dir: Path) -> Path:
     return shared_dir / "data" / "real" / "obama_address_512.mp4"
 
 
+@pytest.fixture(scope="session")
+def micro_weights(tmp_path_factory) -> Path:
+    """A randomly initialised `micro` checkpoint (seed 0): the daemon's pipeline under test, not its likeness."""
+    import torch
+
+    from engine.checkpoints import save_checkpoint
+    from engine.model import build_model
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory) -> Path:
+    """A short PyAV-encoded face clip (24 frames, 256 px) made from a public-domain portrait."""
+    from fastavatar_stream.demo import make_demo_clip
+
+    return make_demo_clip(tmp_path_factory.mktemp("clip") / "face.mp4", n_frames=24, size=256)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

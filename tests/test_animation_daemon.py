@@ -18,25 +18,10 @@ import av
 import numpy as np
 import pytest
 
-from engine.checkpoints import save_checkpoint
-from engine.model import build_model
 from fastavatar_stream.demo import make_demo_clip
 from protocols.animation import MAX_MOTION_BYTES, encode_motion, load_avatar, pose
 
 CLI = [sys.executable, "-m", "fastavatar_stream"]
-
-
-@pytest.fixture(scope="module")
-def micro_weights(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    return make_demo_clip(tmp_path_factory.mktemp("clip") / "face.mp4", n_frames=24, size=256)
 
 
 def free_port() -> int:

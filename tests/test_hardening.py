@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,22 +27,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def micro_weights(tmp_path_factory) -> Path:
-    import torch
-
-    from engine.checkpoints import save_checkpoint
-    from engine.model import build_model
-
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    return make_demo_clip(tmp_path_factory.mktemp("clip") / "face.mp4", n_frames=24, size=256)
 
 
 # ----- control authority ---------------------------------------------------------------------------------------

@@ -21,20 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.checkpoints import save_checkpoint
-from engine.model import build_model
 from fastavatar_stream.demo import make_demo_clip
 
 CLI = [sys.executable, "-m", "fastavatar_stream"]
 N_FRAMES = 24
-
-
-@pytest.fixture(scope="module")
-def micro_weights(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
-from engine.checkpoints import save_checkpoint
-from engine.model import build_model
 from fastavatar_stream.demo import make_demo_clip
-
-
-@pytest.fixture(scope="module")
-def micro_weights(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("micro"), build_model("micro"), metadata={"test": True})
 
 
 def test_a_browser_like_peer_receives_the_daemons_avatar(tmp_path, micro_weights):
