@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import InputError
+from fastavatar_stream.commands._common import add_landmarks_option
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("avatar", help="drivable avatar file (avatar.npz)")
     p.add_argument("video", help="driving video file (anything PyAV/FFmpeg reads)")
     p.add_argument("--out", required=True, type=Path, help="output video (.mp4)")
-    p.add_argument("--detector", default="auto", choices=["auto", "dlib", "face-alignment"],
-                   help="landmark backend (auto: face-alignment when its weights are present, else dlib)")
+    add_landmarks_option(p)
     p.add_argument("--fov", type=float, default=40.0, help="camera field of view across the larger side (degrees)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -55,8 +55,9 @@ def run(args) -> int:
     container = _open_video(args.video)
     stream = container.streams.video[0]
     fps = float(stream.average_rate or stream.guessed_rate or 25.0)
-    tracker = FaceTracker(LandmarkModel.from_head(engine.load_head()),
-                          TrackerConfig(detector=args.detector, fov_degrees=args.fov))
+    head = engine.load_head()
+    tracker = FaceTracker(LandmarkModel.from_head(head), TrackerConfig(detector=args.landmarks, fov_degrees=args.fov),
+                          mesh_model=LandmarkModel.mesh_from_head(head))
     motion = Motion.neutral(rig.session, rig.n_expression)
     writer = None
     written = posed_frames = 0
@@ -85,6 +86,7 @@ def run(args) -> int:
         raise
     finally:
         container.close()
+        tracker.close()
         if writer is not None:
             writer.close()
     if written == 0:
