@@ -7,8 +7,9 @@ Two scenarios, each with the daemon running the embedded default model on the re
 (windows and refinement keep the engine busy the whole time):
   zeromq  the clip is a file source; a subscriber in another process (`AvatarSubscriber`, conflating motion socket)
           records every motion: capture (the daemon read the frame) -> motion applied by the subscriber
-  webrtc  the clip is sent by an aiortc peer as its camera track; the peer records the motions arriving on its
-          unordered, no-retransmit channel: capture (the frame arrived at the daemon) -> motion received
+  webrtc  the clip is sent by an aiortc peer in another process (as a browser is) as its camera track; the peer
+          records the motions arriving on its unordered, no-retransmit channel: capture (the frame arrived at the
+          daemon) -> motion received
 Per scenario: latency p50/p95/p99 (ms), motions received vs. frames tracked, motion and rig bytes per second per
 subscriber, the engine's busy fraction and windows, and the size of the final rig (float32 and float16 basis).
 Prints a summary and writes JSON (`--out`, default benchmarks/results/animation.json).
@@ -85,7 +86,7 @@ async def _daemon(args, publish: str | None = None, control: str | None = None):
     from fastavatar_stream.session import SessionOptions
 
     torch.set_num_threads(args.threads)
-    config = DaemonConfig(publish=publish, control=control,
+    config = DaemonConfig(publish=publish, control=control, engine_nice=args.engine_nice,
                           session_defaults=SessionOptions(refine_seconds=args.refine, budget=args.budget),
                           refine=RefineConfig())
     daemon = Daemon(config, model=AvatarModel.load(args.weights))
@@ -145,36 +146,53 @@ async def zeromq(args) -> dict:
             "engine": engine, "rig": _rig_sizes(rig) if rig else None}
 
 
-async def webrtc(args) -> dict:
+def run_peer(url: str, clip: str, seconds: float, out: Path) -> None:
+    """An aiortc peer in its own process (as a browser is): sends `clip` as its camera, records every motion."""
     from fastavatar_stream.webrtc_client import run_client
+    from protocols.webrtc import loopback_ice
+
+    with loopback_ice():
+        result = asyncio.run(run_client(Path(clip), url, timeout=seconds + 120, settle=2.0))
+    motions = [(m.t_capture, m.t_publish, received, nbytes) for m, received, nbytes in result.receiver.motions]
+    out.write_text(json.dumps({"session": result.session, "frames_sent": result.frames_sent, "motions": motions,
+                               "report": result.report()}))
+
+
+async def webrtc(args) -> dict:
     from fastavatar_stream.webrtc_server import ServerConfig, start_http
     from protocols.webrtc import loopback_ice
 
-    clip = Path(tempfile.mkdtemp(prefix="animation-bench-")) / "clip.mp4"
+    folder = Path(tempfile.mkdtemp(prefix="animation-bench-"))
+    clip, out = folder / "clip.mp4", folder / "peer.json"
     _cut(args.video, clip, args.seconds)
     daemon = await _daemon(args)
     try:
         with loopback_ice():
             runner = await start_http(daemon, "127.0.0.1", 0, ServerConfig())
             try:
+                url = f"http://127.0.0.1:{runner.addresses[0][1]}"
                 t0 = time.monotonic()
-                result = await run_client(clip, f"http://127.0.0.1:{runner.addresses[0][1]}", timeout=args.seconds + 120,
-                                          settle=2.0)
+                peer = subprocess.Popen([sys.executable, __file__, "--peer", url, str(clip), str(args.seconds),
+                                         str(out)], env={**os.environ, "PYTHONPATH": str(REPO)})
+                await asyncio.get_running_loop().run_in_executor(None, peer.wait, args.seconds + 180)
                 wall = time.monotonic() - t0
-                engine = _engine(daemon, result.session, wall)
+                data = json.loads(out.read_text())
+                engine = _engine(daemon, data["session"], wall)
             finally:
                 await runner.cleanup()
     finally:
         await daemon.shutdown()
-    motions = result.receiver.motions
-    latency = [1e3 * (received - m.t_capture) for m, received, _ in motions]
-    span = (motions[-1][1] - motions[0][1]) if len(motions) > 1 else float("nan")
-    report = result.report()
-    return {"motions_received": len(motions), "frames_sent": result.frames_sent, "latency_ms": stats_ms(latency),
+    motions, report = data["motions"], data["report"]
+    latency = [1e3 * (received - captured) for captured, _, received, _ in motions]
+    span = (motions[-1][2] - motions[0][2]) if len(motions) > 1 else float("nan")
+    return {"motions_received": len(motions), "frames_sent": data["frames_sent"], "latency_ms": stats_ms(latency),
+            "capture_to_publish_ms": stats_ms([1e3 * (published - captured) for captured, published, _, _ in motions]),
+            "publish_to_peer_ms": stats_ms([1e3 * (received - published) for _, published, received, _ in motions]),
             "out_of_order": report["motion"]["out_of_order"],
-            "motion_bytes_max": max((n for _, _, n in motions), default=0),
-            "motion_bytes_per_s": round(sum(n for _, _, n in motions) / span, 1),
-            "rigs_received": report["rigs_received"], "server": report["server_stats"], "engine": engine}
+            "motion_bytes_max": max((n for *_, n in motions), default=0),
+            "motion_bytes_per_s": round(sum(n for *_, n in motions) / span, 1),
+            "rigs_received": report["rigs_received"], "avatar_bytes_received": report["bytes_received"],
+            "server": report["server_stats"], "engine": engine}
 
 
 def _cut(video: Path, out: Path, seconds: float) -> None:
@@ -196,9 +214,9 @@ def _cut(video: Path, out: Path, seconds: float) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--subscriber":
-        connect, control, seconds, out = sys.argv[2:6]
-        run_subscriber(connect, control, float(seconds), Path(out))
+    if len(sys.argv) > 1 and sys.argv[1] in ("--subscriber", "--peer"):
+        first, second, seconds, out = sys.argv[2:6]
+        (run_subscriber if sys.argv[1] == "--subscriber" else run_peer)(first, second, float(seconds), Path(out))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
@@ -207,13 +225,15 @@ def main() -> int:
     p.add_argument("--refine", type=float, default=30.0, help="refinement budget: keeps the engine busy")
     p.add_argument("--budget", type=int, default=20_000)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the daemon")
+    p.add_argument("--engine-nice", type=int, default=10, help="nice levels of the engine below the daemon")
     p.add_argument("--scenarios", default="zeromq,webrtc")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args()
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "host": platform.node(),
                "cpus": os.cpu_count(), "video": str(args.video.name), "seconds": args.seconds,
                "refine_s": args.refine, "targets": {"p95_ms": TARGET_P95_MS, "motion_bytes": TARGET_MOTION_BYTES},
-               "note": "2-core host shared with other work while this ran", "scenarios": {}}
+               "engine_nice": args.engine_nice, "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+               "scenarios": {}}
     for name in args.scenarios.split(","):
         results["scenarios"][name] = asyncio.run({"zeromq": zeromq, "webrtc": webrtc}[name](args))
         r = results["scenarios"][name]

@@ -75,7 +75,8 @@ class DaemonConfig:
     "auto" or a cluster address; None: one thread in this process); engine_actors: how many (None: one per GPU
     of the cluster). Snapshots hold the drivable avatar npz (`<session>_v<N>_avatar.npz`) beside the PLY.
     rig_expression_dtype: float32 (posing equals the engine's within 1e-5) or float16 (half the rig's expression
-    basis; about 1e-5 m off)."""
+    basis; about 1e-5 m off). engine_nice: how many nice levels below the daemon the in-process engine runs (0: the
+    same), so tracking and motion keep their camera rate while the engine computes."""
 
     weights: str | None = None
     device: str = "cpu"
@@ -95,6 +96,7 @@ class DaemonConfig:
     ray: str | None = None
     engine_actors: int | None = None
     rig_expression_dtype: str = "float32"
+    engine_nice: int = 10
 
 
 class Daemon:
@@ -164,7 +166,8 @@ class Daemon:
 
             warm_up_renderer(self.config.refine.backend)
             max_batch = self.config.max_batch or (4 if self.model.device.type == "cuda" else 1)
-            return EngineWorker(self.model, self._on_version, refine=self.config.refine, max_batch=max_batch)
+            return EngineWorker(self.model, self._on_version, refine=self.config.refine, max_batch=max_batch,
+                                nice=self.config.engine_nice)
         try:
             from fastavatar_stream.ray_engine import RayConfig, RayEngineWorker
         except ImportError as exc:
@@ -204,8 +207,8 @@ class Daemon:
         options = options or SessionOptions(**vars(self.config.session_defaults))
         if options.fusion is None:  # the model's own rule (the caller's options object stays as it was)
             options = dataclasses.replace(options, fusion=self.model.default_fusion)
-        if getattr(source, "live", False):
-            options.live = True
+        if getattr(source, "live", False) or getattr(source, "realtime", False):
+            options = dataclasses.replace(options, live=True)  # a file paced like a camera is served like one
         session_id = f"s{next(self._ids)}"
         from fastavatar_stream.tracking import FaceTracker, TrackerConfig
 

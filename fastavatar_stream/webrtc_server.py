@@ -46,7 +46,7 @@ from fastavatar_stream.sources import SourceFrame
 from protocols.avatar_buffer import AvatarBuffer
 from protocols.errors import ProtocolError
 from protocols.webrtc import (DEFAULT_MAX_BUFFERED, MAX_SDP_BYTES, MOTION_CHANNEL_LABEL, AnimationSender,
-                              DataChannelSender, LatestFrameRelay, make_rtc_config, validate_offer)
+                              DataChannelSender, LatestFrameRelay, PacedChannel, make_rtc_config, validate_offer)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class Peer:
         if self.sender is not None:
             channel.send(json.dumps({"type": "error", "error": "only one data channel per peer"}))
             return
+        channel = PacedChannel(channel)  # motions on the other channel must not queue behind avatar megabytes
         self.sender = DataChannelSender(channel, max_buffered=self.server.config.max_buffered, on_end=self.relay.end)
         channel.on("message", self._on_control)
         self.animation.attach_avatar(channel)

@@ -10,14 +10,17 @@ which any session's window became ready, so a ready window waits at most one bur
 In live mode a session holds its next window back while that window would add little pose coverage and
 refinement has not had its share of the engine yet (`Session.window_deferred`), so a live avatar is refined
 too, and more so once the camera has shown every side it is going to show.
-A failure in one session's window ends that session, never the worker.
 A failure in one session's window ends that session, never the worker. `remove_session` returns only once the
 worker is not working on that session (a burst in progress ends at its next step), so no version of a removed
 session comes after it and everything the worker held for it (its SessionEngine) is freed.
+The worker runs `nice` steps below the daemon's priority (with the torch threads it starts), so on a machine
+with few cores tracking, motion and the event loop get the CPU when they need it and the engine the rest.
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -57,16 +60,29 @@ def warm_up_renderer(backend: str = "auto") -> float:
     return time.perf_counter() - start
 
 
+def lower_thread_priority(steps: int) -> None:
+    """Lower the calling thread's scheduling priority by `steps` nice levels (at most to 19). On Linux a thread
+    id names that thread alone, and threads it starts inherit the value; elsewhere this does nothing."""
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError as exc:
+        log.warning("could not lower the engine's priority: %s", exc)
+
+
 class EngineWorker(threading.Thread):
     """Owns the AvatarModel; see the module docstring."""
 
     def __init__(self, model: AvatarModel, on_version: OnVersion, *, refine: RefineConfig | None = None,
-                 max_batch: int = 1, name: str = "engine-worker") -> None:
+                 max_batch: int = 1, nice: int = 0, name: str = "engine-worker") -> None:
         super().__init__(name=name, daemon=True)
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.max_batch = max_batch
+        self.nice = nice
         self.batch_sizes: Counter = Counter()  # windows per forward -> how many forwards
         self.on_version = on_version
         self.refine_config = refine or RefineConfig()
@@ -116,6 +132,7 @@ class EngineWorker(threading.Thread):
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> None:
+        lower_thread_priority(self.nice)  # before the first torch op: its thread team inherits the priority
         torch.set_grad_enabled(False)
         while True:
             with self._wake:

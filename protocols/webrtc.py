@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
@@ -57,6 +58,8 @@ MAX_CONTROL_BYTES = 4 * 1024
 DATA_CHANNEL_LABEL = "avatar"
 MOTION_CHANNEL_LABEL = "motion"
 DEFAULT_MOTION_MAX_BUFFERED = 4 * 1024
+# bulk (avatar, rig) bytes let into the peer connection's send queue at once: what a motion may wait behind
+DEFAULT_BULK_WINDOW = 16 * 1024
 
 
 # ----- camera in ----------------------------------------------------------------------------------
@@ -191,6 +194,76 @@ class Channel(Protocol):
     bufferedAmount: int
 
     def send(self, data: bytes | str) -> None: ...
+
+
+class PacedChannel:
+    """A data channel that lets at most `window` bytes of its messages into the SCTP association at once.
+
+    aiortc keeps one send queue for all data channels of a peer connection, first in first out: a motion sent
+    after a 1 MB snapshot leaves after the whole snapshot. Here the avatar channel's chunks wait in a queue of
+    their own and enter the association as it drains (on the channel's `bufferedamountlow`), so a motion waits
+    behind at most `window` bytes. `bufferedAmount` counts both queues and "bufferedamountlow" fires when their
+    sum falls to `bufferedAmountLowThreshold`, so `DataChannelSender`'s and `AnimationSender`'s conflation see
+    the same back-pressure as on the bare channel. Other events and attributes pass through.
+    """
+
+    def __init__(self, channel: Any, window: int = DEFAULT_BULK_WINDOW) -> None:
+        self.channel = channel
+        self.window = int(window)
+        self._queue: deque[bytes | str] = deque()
+        self._queued = 0
+        self._low_handlers: list[Callable[[], Any]] = []
+        self._above_threshold = False
+        self.bufferedAmountLowThreshold = 0
+        channel.on("bufferedamountlow", self._pump)
+
+    @property
+    def bufferedAmountLowThreshold(self) -> int:
+        return self._low_threshold
+
+    @bufferedAmountLowThreshold.setter
+    def bufferedAmountLowThreshold(self, value: int) -> None:
+        # the channel wakes the pump at half the window, or lower when the sum must be watched further down
+        self._low_threshold = int(value)
+        self.channel.bufferedAmountLowThreshold = min(self.window // 2, max(self._low_threshold, 0))
+
+    def __getattr__(self, name: str) -> Any:  # label, readyState, id, ... of the channel
+        return getattr(self.channel, name)
+
+    @property
+    def bufferedAmount(self) -> int:
+        return self._queued + self.channel.bufferedAmount
+
+    def on(self, event: str, handler: Callable[..., Any] | None = None):
+        if event != "bufferedamountlow":
+            return self.channel.on(event, handler) if handler is not None else self.channel.on(event)
+        if handler is None:
+            return lambda f: self.on(event, f)
+        self._low_handlers.append(handler)
+        return handler
+
+    def send(self, data: bytes | str) -> None:
+        if getattr(self.channel, "readyState", "open") != "open":
+            self.channel.send(data)  # raises what the channel raises
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        self._above_threshold |= self.bufferedAmount > self.bufferedAmountLowThreshold
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and self.channel.bufferedAmount < self.window:
+            if getattr(self.channel, "readyState", "open") != "open":
+                self._queue.clear()
+                self._queued = 0
+                return
+            data = self._queue.popleft()
+            self._queued -= len(data)
+            self.channel.send(data)
+        if self._above_threshold and self.bufferedAmount <= self.bufferedAmountLowThreshold:
+            self._above_threshold = False
+            for handler in list(self._low_handlers):
+                handler()
 
 
 @dataclass

@@ -11,11 +11,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 CLI = [sys.executable, "-m", "fastavatar_stream"]
 
@@ -160,6 +162,44 @@ def test_two_sessions_stay_independent_and_a_failed_one_keeps_its_avatar(clip, m
     assert bad.latest is not None and bad.latest.version >= 1  # what was reconstructed is kept
     assert snapshot.version == bad.latest.version and len(snapshot.arrays["means"]) > 0
     assert good.report.frames_read == 24 and bad.report.frames_read == 10
+
+
+def _nice_of_threads() -> dict[int, int]:
+    """Thread id -> nice value of every thread of this process (Linux /proc)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[int(task.name)] = int(fields[16])  # field 19 of stat: nice
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are a Linux feature")
+def test_the_engine_yields_the_cpu_to_tracking_and_a_paced_file_is_served_like_a_camera(clip, micro_weights):
+    from engine.avatar_model import AvatarModel
+    from fastavatar_stream.daemon import Daemon, DaemonConfig
+    from fastavatar_stream.session import SessionOptions
+    from fastavatar_stream.sources import VideoFileSource
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    options = SessionOptions()
+
+    async def scenario():
+        daemon = Daemon(DaemonConfig(engine_nice=5), model=AvatarModel.load(micro_weights))
+        await daemon.start()
+        try:
+            sid = await daemon.open_session(VideoFileSource(clip, realtime=True), options=options)
+            session = await daemon.wait_session(sid)
+            return session, daemon.worker.native_id, _nice_of_threads()
+        finally:
+            await daemon.shutdown()
+
+    session, worker_tid, nice = asyncio.run(scenario())
+    assert session.state == "ended" and session.windows_done >= 1
+    assert session.options.live and not options.live, "paced like a camera: live, without touching the caller's"
+    assert nice[worker_tid] == min(19, base + 5)
+    assert nice[threading.get_native_id()] == base, "the loop, and so tracking and motion, keep their priority"
+    if torch.get_num_threads() > 1:  # the torch threads the engine started run at its priority
+        assert sum(v == min(19, base + 5) for v in nice.values()) >= 2
 
 
 def test_serve_starts_sessions_from_the_control_api_and_shuts_down_cleanly(tmp_path, clip, micro_weights):

@@ -22,8 +22,8 @@ from fastavatar_stream.webrtc_client import AvatarReceiver, run_client  # noqa: 
 from fastavatar_stream.webrtc_server import WEBRTC_KEY, ServerConfig, start_http  # noqa: E402
 from protocols.avatar_buffer import AvatarBuffer  # noqa: E402
 from protocols.errors import ProtocolError  # noqa: E402
-from protocols.webrtc import (DataChannelSender, LatestFrameRelay, loopback_ice, make_rtc_config,  # noqa: E402
-                              parse_control, validate_offer)
+from protocols.webrtc import (DataChannelSender, LatestFrameRelay, PacedChannel, loopback_ice,  # noqa: E402
+                              make_rtc_config, parse_control, validate_offer)
 
 N_FRAMES, SIZE, FPS = 30, 96, 15
 
@@ -267,6 +267,98 @@ def test_sender_conflates_under_back_pressure_and_the_receiver_matches():
     sender.request_snapshot()
     deliver()
     assert receiver.received[-1].kind == "snapshot" and receiver.buffer.equals(hub_buffer)
+
+
+async def _motion_position_behind_a_megabyte(paced: bool) -> tuple[int, list[int]]:
+    """Two real aiortc peers on loopback: 64 avatar chunks of 16 KiB, then one motion on the unordered,
+    no-retransmit channel. Returns how many avatar chunks arrived before the motion, and their order."""
+    from aiortc import RTCPeerConnection
+
+    sender_pc, receiver_pc = RTCPeerConnection(make_rtc_config()), RTCPeerConnection(make_rtc_config())
+    avatar = sender_pc.createDataChannel("avatar")
+    motion = sender_pc.createDataChannel("motion", ordered=False, maxRetransmits=0)
+    arrived: list = []
+    done = asyncio.Event()
+
+    @receiver_pc.on("datachannel")
+    def on_channel(channel) -> None:
+        @channel.on("message")
+        def on_message(data) -> None:
+            arrived.append("motion" if channel.label == "motion" else int.from_bytes(data[:4], "big"))
+            if len(arrived) == 65:
+                done.set()
+
+    try:
+        await sender_pc.setLocalDescription(await sender_pc.createOffer())
+        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+        for _ in range(500):
+            if avatar.readyState == "open" and motion.readyState == "open":
+                break
+            await asyncio.sleep(0.01)
+        motion.send(b"warm-up")  # the receiver learns both channels before the measured burst
+        await asyncio.sleep(0.3)
+        arrived.clear()
+        out = PacedChannel(avatar) if paced else avatar
+        for i in range(64):
+            out.send(i.to_bytes(4, "big") + bytes(16 * 1024 - 4))
+        motion.send(b"pose")
+        await asyncio.wait_for(done.wait(), 20)
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()
+    position = arrived.index("motion")
+    return position, [a for a in arrived if a != "motion"]
+
+
+def test_a_motion_overtakes_the_avatar_megabyte_sent_before_it_on_a_paced_channel():
+    with loopback_ice():
+        bare_position, bare_order = asyncio.run(_motion_position_behind_a_megabyte(paced=False))
+        paced_position, paced_order = asyncio.run(_motion_position_behind_a_megabyte(paced=True))
+    # aiortc sends the messages of all channels of a connection in one queue: on the bare channel the motion
+    # leaves after (nearly) the whole megabyte
+    assert bare_position >= 56
+    # paced, at most the 16 KiB window (and what is in flight) goes first; every chunk still arrives, in order
+    assert paced_position <= 8
+    assert paced_order == bare_order == list(range(64))
+
+
+class _DrainableChannel(_SlowChannel):
+    """A stand-in with aiortc's bufferedamountlow rule: fired when bufferedAmount falls to the threshold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bufferedAmountLowThreshold = 0
+        self.handlers: dict[str, list] = {}
+
+    def on(self, event, handler) -> None:
+        self.handlers.setdefault(event, []).append(handler)
+
+    def drain(self) -> None:
+        was = self.bufferedAmount
+        self.bufferedAmount = 0
+        if was > self.bufferedAmountLowThreshold:
+            for handler in self.handlers.get("bufferedamountlow", []):
+                handler()
+
+
+def test_a_paced_channel_reports_what_waits_so_conflation_still_sees_back_pressure():
+    channel = _DrainableChannel()
+    paced = PacedChannel(channel, window=4096)
+    low = []
+    paced.bufferedAmountLowThreshold = 1000
+    paced.on("bufferedamountlow", lambda: low.append(paced.bufferedAmount))
+    for _ in range(10):
+        paced.send(bytes(1024))
+    assert channel.bufferedAmount == 4096, "only the window enters the connection"
+    assert paced.bufferedAmount == 10 * 1024, "what waits here counts as buffered"
+    channel.drain()
+    assert channel.bufferedAmount == 4096 and paced.bufferedAmount == 6 * 1024 and low == []
+    channel.drain()
+    channel.drain()
+    assert paced.bufferedAmount == 0 and low == [0], "low once, when everything has left"
+    assert sum(len(d) for d in channel.sent) == 10 * 1024
 
 
 def test_control_messages_and_offer_validation_say_what_is_wrong():

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",
                    help="most ready windows of different sessions run in one forward (default: 4 on CUDA, 1 on CPU)")
+    p.add_argument("--engine-nice", type=int, default=10, metavar="N",
+                   help="run the engine N nice levels below the daemon (default 10; 0: the same), so tracking and "
+                        "motion keep the camera's rate while windows and refinement compute (Linux)")
     p.add_argument("--snapshot-dir", type=Path,
                    help="keep each session's newest avatar here as PLY (every few seconds and at its end); after "
                         "a restart the daemon serves these snapshots to 'snapshot' and 'list' requests")
@@ -83,6 +86,8 @@ def check(args: argparse.Namespace) -> None:
 
     if args.max_sessions < 1 or args.budget < 1 or (args.max_batch is not None and args.max_batch < 1):
         raise InputError("--max-sessions, --max-batch and --budget must be positive")
+    if not 0 <= args.engine_nice <= 19:
+        raise InputError(f"--engine-nice must be 0 to 19, got {args.engine_nice}")
     number(args.refine, "--refine", low=0)
     if args.snapshot_dir is not None:
         output_dir(args.snapshot_dir, "--snapshot-dir")
@@ -129,7 +134,7 @@ async def serve(args: argparse.Namespace) -> None:
                           publish=_endpoint(args.publish), control=_endpoint(args.control),
                           max_sessions=args.max_sessions, max_batch=args.max_batch, snapshot_dir=args.snapshot_dir,
                           session_defaults=defaults, ray=args.ray, engine_actors=args.engine_actors,
-                          source_policy=policy,
+                          source_policy=policy, engine_nice=args.engine_nice,
                           zmq_security=CurveServer(args.curve_keys) if args.curve_keys else None)
     daemon = Daemon(config)
     await daemon.start()
