@@ -145,7 +145,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to time")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--skip-cpu", action="store_true",
+                        help="FLOPs (and GPU) only; the CPU rows already in --out are kept")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON to write (default {RESULTS})")
     parser.add_argument("--case", nargs=2, type=int, metavar=("FRAMES", "POOL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -159,14 +161,16 @@ def main() -> None:
               "note": "CPU timings are wall-clock on a shared machine; see load_average_at_start"}
     if not args.skip_cpu:
         result["tiny_cpu"] = [row for t in args.threads for row in cpu_cases(t, args.repeats)]
+    elif args.out.is_file():  # a GPU-only run must not erase the CPU measurements made before
+        result["tiny_cpu"] = json.loads(args.out.read_text()).get("tiny_cpu", [])
     result["official_flops"] = official_flops()
     if torch.cuda.is_available():
         result["official_gpu_bf16"] = official_gpu(result["official_flops"], repeats=3)
     else:
         result["official_gpu_bf16"] = "not run: no CUDA device on this machine"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
