@@ -44,7 +44,7 @@ class RefineFrames:
     def to(self, device: torch.device | str) -> "RefineFrames":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return RefineFrames(self.images.to(device), self.cameras.to(device), self.params.to(device),
-                            move(self.masks), self.background.to(device))
+                            move(self.masks), self.background.to(device), move(self.mattes))
 
 
 @dataclass

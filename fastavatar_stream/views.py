@@ -16,6 +16,9 @@ from fastavatar_stream.prepare import PreparedFrame
 from fastavatar_stream.session import RefineSample
 
 
+#: how far the refiner's matte reaches beyond the projected head (fraction of the crop side): hair, ears
+HEAD_REACH = 0.06
+
 def flame_params(fits: list[FlameFit], n_shape: int, n_expression: int) -> FlameParams:
     """Stack tracked FLAME fits into FlameParams, zero-padding/truncating shape and expression."""
     def padded(values: list[np.ndarray], width: int) -> torch.Tensor:
@@ -50,19 +53,29 @@ def refine_frames(samples: list[RefineSample], model: AvatarModel) -> RefineFram
     """The refiner's targets: model-size crops of kept frames (N,S,S,3) with their cameras, FLAME rows and
     head-region masks. When every sample has a matte, the crops are the matted heads composited on white like
     the renders, the mattes go along, and the masks cover the matte too (a render that misses part of the head
-    or paints beyond it is scored for it)."""
+    or paints beyond it is scored for it). The tracker's matte is head and shoulders; it is cut to the head
+    region (`head_reach`): the avatar is a FLAME head and neck, and shoulders in the target would make the
+    refiner paint a torso it has no Gaussians for."""
     views = tracked_views([s.frame for s in samples], [s.prepared for s in samples], model)
     background = torch.ones(3)
     images = views.images.permute(0, 2, 3, 1).contiguous()
-    mattes = None
+    frames = RefineFrames(images, views.cameras, views.params, background=background)
+    frames.masks = head_masks(model, frames)
     if samples and all(s.matte is not None for s in samples):
         mattes = torch.stack([torch.from_numpy(np.asarray(s.matte, np.float32)) for s in samples])[..., None]
-        images = images * mattes + background * (1 - mattes)
-    frames = RefineFrames(images, views.cameras, views.params, background=background, mattes=mattes)
-    frames.masks = head_masks(model, frames)
-    if mattes is not None:
+        mattes = mattes * head_reach(frames.masks)
+        frames.images = images * mattes + background * (1 - mattes)
+        frames.mattes = mattes
         frames.masks = torch.maximum(frames.masks, (mattes > 0.5).float())
     return frames
+
+
+def head_reach(masks: torch.Tensor, fraction: float = HEAD_REACH) -> torch.Tensor:
+    """(N,H,W,1) head masks grown by `fraction` of the image side: where hair and ears beyond the FLAME surface
+    may be."""
+    radius = max(1, round(fraction * masks.shape[2]))
+    grown = torch.nn.functional.max_pool2d(masks.permute(0, 3, 1, 2), 2 * radius + 1, stride=1, padding=radius)
+    return grown.permute(0, 2, 3, 1)
 
 
 @torch.no_grad()

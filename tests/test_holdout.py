@@ -186,7 +186,7 @@ def test_a_tracker_matte_puts_kept_frames_on_white_like_the_renders(micro_weight
     from engine.avatar_model import AvatarModel
     from fastavatar_stream.frames import FlameFit, TrackedFrame
     from fastavatar_stream.session import Session, SessionOptions
-    from fastavatar_stream.views import refine_frames
+    from fastavatar_stream.views import head_masks, head_reach, refine_frames
 
     model = AvatarModel.load(str(micro_weights))
     size = 96
@@ -209,8 +209,13 @@ def test_a_tracker_matte_puts_kept_frames_on_white_like_the_renders(micro_weight
     frames = refine_frames([sample], model)
     crop_matte = torch.from_numpy(sample.matte)
     assert frames.mattes is not None
-    outside, inside = crop_matte < 0.01, crop_matte > 0.99
+    cut = frames.mattes[0, ..., 0]
+    outside, inside = cut < 0.01, cut > 0.99
     assert outside.any() and inside.any()
     assert torch.allclose(frames.images[0][outside], torch.ones(3))  # off the matte: white, like a render
     assert frames.images[0][inside].max() < 0.05                      # on it: the (black) frame
     assert bool((frames.masks[0, ..., 0][inside] == 1).all())         # the scored region covers the matte
+    # the matte is kept only near the projected head: the avatar has no Gaussians for shoulders or the room
+    assert bool((cut <= crop_matte + 1e-6).all())
+    far = (crop_matte > 0.99) & (head_reach(head_masks(model, frames))[0, ..., 0] == 0)
+    assert far.any() and bool((cut[far] == 0).all())
