@@ -30,20 +30,29 @@ import torch  # noqa: E402
 REAL = REPO.parent / "shared" / "data" / "real"
 RESULTS = REPO / "benchmarks" / "results"
 
+LEARNING_RATES = ("lr_color", "lr_opacity", "lr_log_scale", "lr_offset", "lr_rotation")
+
+
+def scaled_learning_rates(factor: float) -> dict[str, float]:
+    """Every learning rate of the shipped RefineConfig times `factor`."""
+    from engine.refine import RefineConfig
+
+    base = RefineConfig()
+    return {name: getattr(base, name) * factor for name in LEARNING_RATES}
+
+
 #: RefineConfig overrides per variant (the base is the shipped RefineConfig)
 VARIANTS: dict[str, dict] = {
     "base": {},
     "batch1": {"batch_frames": 1},
     "batch4": {"batch_frames": 4},
-    "lr_x2": {"lr_color": 4e-2, "lr_opacity": 1e-1, "lr_log_scale": 1e-2, "lr_offset": 4e-4, "lr_rotation": 4e-3},
-    "lr_x0.5": {"lr_color": 1e-2, "lr_opacity": 2.5e-2, "lr_log_scale": 2.5e-3, "lr_offset": 1e-4,
-                "lr_rotation": 1e-3},
+    "lr_x2": scaled_learning_rates(2.0),
+    "lr_x0.5": scaled_learning_rates(0.5),
     "symmetry": {"weight_symmetry": 0.5},
     "max_30k": {"max_gaussians": 30_000},
     "max_20k": {"max_gaussians": 20_000},
     "max_10k": {"max_gaussians": 10_000},
-    "max_30k_lr_x2": {"max_gaussians": 30_000, "lr_color": 4e-2, "lr_opacity": 1e-1, "lr_log_scale": 1e-2,
-                      "lr_offset": 4e-4, "lr_rotation": 4e-3},
+    "max_30k_lr_x2": {"max_gaussians": 30_000, **scaled_learning_rates(2.0)},
 }
 
 

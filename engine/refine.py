@@ -49,7 +49,9 @@ class RefineFrames:
 
 @dataclass
 class RefineConfig:
-    """Learning rates (Adam) and regulariser weights. Positions are in metres.
+    """Learning rates (Adam) and regulariser weights. Positions are in metres. The learning rates are twice
+    those of the first release: a time budget buys few steps on a CPU, and larger steps made held-out frames
+    more like the person (benchmarks/RESULTS.md, refiner ablation).
 
     weight_silhouette: |render alpha - matte| when the frames carry mattes. weight_symmetry: pulls the colour of
     an anchor no frame saw squarely towards the colour of its mirror anchor (across the head's left-right
@@ -59,11 +61,11 @@ class RefineConfig:
     """
 
     batch_frames: int = 2
-    lr_offset: float = 2e-4
-    lr_rotation: float = 2e-3
-    lr_log_scale: float = 5e-3
-    lr_opacity: float = 5e-2
-    lr_color: float = 2e-2
+    lr_offset: float = 4e-4
+    lr_rotation: float = 4e-3
+    lr_log_scale: float = 1e-2
+    lr_opacity: float = 1e-1
+    lr_color: float = 4e-2
     weight_l1: float = 0.8
     weight_ssim: float = 0.2
     weight_offset: float = 10.0
