@@ -11,15 +11,15 @@ mesh holds at least --min-splats splats, it records for --seconds, from the page
   frames   requestAnimationFrame renders of the viewer's frame loop: mean frames per second and frame time
            p50/p95/max, from the frames' rAF timestamps
   splats   the animated mesh's splats and the splats Spark's newest depth sort left to draw (min-max over the window)
-  motions  motions received and poses shown per second; capture -> pose on screen latency p50/p95 (what the page's
-           "pose latency" counter shows)
-  daemon   the engine's busy fraction over the window (engine seconds of the jobs that ended in it / its length),
-           windows done and rigs received during it
-That is the `busy` scenario; after it two screenshots 1 s apart are taken: the share of the 3D view the avatar
-covers and the share of those pixels that changed (it moves); the last run's pair is saved (--shot). Then the
-`idle` scenario (--no-idle skips it): the daemon's sessions are closed (no tracking, no engine work, no motions or
-rigs) and, once the page has shown the motions it still held, it is measured again for --seconds while it keeps
-drawing the last rig at its last pose.
+  motions  motions received and poses shown per second; capture -> pose on screen latency p50/p95 (the figures the
+           page's "pose latency" counter shows every 10th of; its text at the end is kept too)
+  daemon   engine seconds per second over the window (the engine time of the jobs that ended in it / its length:
+           about its busy fraction, above 1 when a job started before the window), windows done, rigs received
+That is the `busy` scenario; after it two screenshots are taken, two frames and a new pose apart: the share of the
+3D view the avatar covers and the share of those pixels that changed (it moves); the last run's pair is saved
+(--shot). Then the `idle` scenario (--no-idle skips it): the daemon's sessions are closed (no tracking, no engine
+work, no motions or rigs) and, once the page has shown the motions it still held, it is measured again for
+--seconds while it keeps drawing the last rig at its last pose.
 
 Chromium draws with SwiftShader (software GL, no GPU) on the CPU host that also runs the daemon: on the 2-core host
 these figures are a lower bound, not what a browser on a GPU does. The page's WebGL renderer string is recorded.
@@ -57,7 +57,7 @@ SAMPLE = """(() => {
   const f = window.fastavatar, r = f.renderStats();
   return { t: performance.now(), frames: r.frames, frameTimes: r.frameTimes, splatsDrawn: r.splatsDrawn,
     splatsAnimated: r.splatsAnimated, motions: f.motions, posesShown: f.posesShown, poseLatencies: f.poseLatencies,
-    rigs: f.rigs, poseLatencyShown: document.getElementById("pose-latency").textContent };
+    rigs: f.rigs };
 })()"""
 WEBGL_RENDERER = """(() => {
   const gl = document.createElement("canvas").getContext("webgl2"), info = gl.getExtension("WEBGL_debug_renderer_info");
@@ -138,17 +138,24 @@ async def _measure(cdp, daemon, seconds: float) -> dict:
         "motions_per_s": round((last["motions"] - first["motions"]) / page_s, 2),
         "poses_shown_per_s": round((last["posesShown"] - first["posesShown"]) / page_s, 2),
         "pose_latency_ms": percentiles(list(latencies.values())),
-        "pose_latency_shown": last["poseLatencyShown"],
         "rigs_received": last["rigs"] - first["rigs"],
-        "engine_busy_fraction": round((daemon.worker.busy_s - busy0) / wall, 3),
+        "engine_s_per_s": round((daemon.worker.busy_s - busy0) / wall, 3),
         "engine_windows": daemon.worker.windows_done - windows0,
     }
 
 
-async def _screens(cdp, shot: Path | None) -> dict:
-    """Two screenshots 1 s apart: how much of the view the avatar covers and how much of it moved."""
+async def _screens(cdp, shot: Path | None, timeout: float = 30.0) -> dict:
+    """Two screenshots with at least two new frames and a new pose between them (at under a frame a second, a fixed
+    gap could catch one frame twice): how much of the view the avatar covers and how much of it moved."""
+    count = "[window.fastavatar.renderStats().frames, window.fastavatar.posesShown]"
     a = view(await screenshot(cdp))
-    await asyncio.sleep(1.0)
+    frames0, poses0 = await cdp.evaluate(count)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        frames, poses = await cdp.evaluate(count)
+        if frames >= frames0 + 2 and poses > poses0:
+            break
     b = view(await screenshot(cdp))
     drawn = (np.abs(a - CLEAR_RGB).sum(axis=2) > 40) | (np.abs(b - CLEAR_RGB).sum(axis=2) > 40)
     moved = changed(a, b) & drawn
@@ -159,8 +166,8 @@ async def _screens(cdp, shot: Path | None) -> dict:
         box = (slice(max(rows.min() - 20, 0), rows.max() + 20), slice(max(cols.min() - 20, 0), cols.max() + 20)) \
             if rows.size else (slice(None), slice(None))  # the avatar and a margin: a small PNG
         Image.fromarray(np.concatenate([a[box], b[box]], axis=1).astype(np.uint8)).save(shot)
-    return {"view_drawn_fraction": round(float(drawn.mean()), 4),
-            "drawn_pixels_changed_in_1s": round(float(moved.sum() / max(drawn.sum(), 1)), 4)}
+    return {"view_drawn_fraction": round(float(drawn.mean()), 4), "frames_between_shots": frames - frames0,
+            "drawn_pixels_changed_between_shots": round(float(moved.sum() / max(drawn.sum(), 1)), 4)}
 
 
 async def one_run(args, y4m: Path, profile: Path, shot: Path | None) -> dict:
@@ -190,6 +197,8 @@ async def one_run(args, y4m: Path, profile: Path, shot: Path | None) -> dict:
                                                               "(k) => document.querySelector('#view canvas')[k])"),
                               "webgl_renderer": await cdp.evaluate(WEBGL_RENDERER)}
                     result["busy"] = await _measure(cdp, daemon, args.seconds)
+                    result["busy"]["pose_latency_counter"] = await cdp.evaluate(
+                        "document.getElementById('pose-latency').textContent")  # what the page's counter shows
                     result["busy"].update(await _screens(cdp, shot))
                     if args.idle:
                         for session_id in list(daemon.sessions):
@@ -209,7 +218,7 @@ def spread(runs: list[dict], scenario: str) -> dict:
     picks = {"fps_mean": ("fps_mean", None), "frame_ms_p50": ("frame_ms", "p50"), "frame_ms_p95": ("frame_ms", "p95"),
              "motions_per_s": ("motions_per_s", None), "poses_shown_per_s": ("poses_shown_per_s", None),
              "pose_latency_ms_p50": ("pose_latency_ms", "p50"), "pose_latency_ms_p95": ("pose_latency_ms", "p95"),
-             "engine_busy_fraction": ("engine_busy_fraction", None)}
+             "engine_s_per_s": ("engine_s_per_s", None)}
     out = {}
     for name, (key, sub) in picks.items():
         values = [r[scenario][key].get(sub) if sub else r[scenario][key] for r in runs]
@@ -260,12 +269,13 @@ def main() -> int:
                       f"p95 {m['frame_ms']['p95']} ms), {m['splats_animated'][1]} splats animated, "
                       f"{m['splats_drawn'][1]} drawn, {m['motions_per_s']} motions/s, {m['poses_shown_per_s']} poses/s, "
                       f"pose latency p50 {m['pose_latency_ms'].get('p50')} ms p95 {m['pose_latency_ms'].get('p95')} ms, "
-                      f"engine busy {m['engine_busy_fraction']:.0%}", flush=True)
+                      f"engine {m['engine_s_per_s']} s/s", flush=True)
     runs = results["runs"]
     results["spread"] = {scenario: spread(runs, scenario) for scenario in ("busy", "idle") if scenario in runs[0]}
     for scenario, figures in results["spread"].items():
         print(f"{scenario}, min-max over {len(runs)} runs: " + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in figures.items()))
     print("software GL (SwiftShader) on a CPU host shared with the daemon: a lower bound, not a GPU browser")
+    results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]  # other work shares the host
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out} and {args.shot}")
