@@ -51,8 +51,8 @@ DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "real" / "obama_address_512.mp
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "browser_fps.json"
 DEFAULT_SHOT = REPO / "benchmarks" / "results" / "browser_fps.png"
 
-# One poll of the page's counters. At most one second of frames and poses (far fewer than the 1000 the page keeps)
-# arrives between two polls, so every frame of the window is seen.
+# One poll of the page's counters. Polls are a second apart (a few when the page is slow to answer): far fewer frames
+# and poses than the 1000 the page keeps arrive between two, so every frame of the window is seen.
 SAMPLE = """(() => {
   const f = window.fastavatar, r = f.renderStats();
   return { t: performance.now(), frames: r.frames, frameTimes: r.frameTimes, splatsDrawn: r.splatsDrawn,
@@ -111,8 +111,9 @@ async def _wait_still(cdp, timeout: float) -> None:
 
 async def _measure(cdp, daemon, seconds: float) -> dict:
     """Poll the page once a second for `seconds`; frame, motion and latency figures over that window."""
-    busy0, windows0, t0 = daemon.worker.busy_s, daemon.worker.windows_done, time.monotonic()
     first = last = await cdp.evaluate(SAMPLE)
+    # after the first sample: a page busy drawing may answer seconds late, and the engine's window is the page's
+    busy0, windows0, t0 = daemon.worker.busy_s, daemon.worker.windows_done, time.monotonic()
     frame_times = newest(first["frameTimes"], first["frames"], first["frames"] - 1)  # the frame before the window
     latencies: dict[int, float] = {}
     drawn, animated = [first["splatsDrawn"]], [first["splatsAnimated"]]
@@ -267,13 +268,14 @@ def main() -> int:
                 m = r[scenario]
                 print(f"run {i + 1} {scenario}: {m['fps_mean']} fps (frame p50 {m['frame_ms']['p50']} ms, "
                       f"p95 {m['frame_ms']['p95']} ms), {m['splats_animated'][1]} splats animated, "
-                      f"{m['splats_drawn'][1]} drawn, {m['motions_per_s']} motions/s, {m['poses_shown_per_s']} poses/s, "
-                      f"pose latency p50 {m['pose_latency_ms'].get('p50')} ms p95 {m['pose_latency_ms'].get('p95')} ms, "
-                      f"engine {m['engine_s_per_s']} s/s", flush=True)
+                      f"{m['splats_drawn'][1]} drawn, {m['motions_per_s']} motions/s, "
+                      f"{m['poses_shown_per_s']} poses/s, pose latency p50 {m['pose_latency_ms'].get('p50')} ms "
+                      f"p95 {m['pose_latency_ms'].get('p95')} ms, engine {m['engine_s_per_s']} s/s", flush=True)
     runs = results["runs"]
     results["spread"] = {scenario: spread(runs, scenario) for scenario in ("busy", "idle") if scenario in runs[0]}
     for scenario, figures in results["spread"].items():
-        print(f"{scenario}, min-max over {len(runs)} runs: " + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in figures.items()))
+        print(f"{scenario}, min-max over {len(runs)} runs: "
+              + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in figures.items()))
     print("software GL (SwiftShader) on a CPU host shared with the daemon: a lower bound, not a GPU browser")
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]  # other work shares the host
     args.out.parent.mkdir(parents=True, exist_ok=True)
