@@ -66,7 +66,8 @@ def expected_pose_inputs(rig) -> tuple[np.ndarray, np.ndarray]:
     return offsets, transforms
 
 
-async def _screenshot(cdp: Cdp) -> np.ndarray:
+async def screenshot(cdp: Cdp) -> np.ndarray:
+    """The page as an (H, W, 3) int RGB array."""
     from PIL import Image
 
     data = base64.b64decode((await cdp.send("Page.captureScreenshot", {"format": "png"}))["data"])
@@ -78,7 +79,8 @@ def view(image: np.ndarray) -> np.ndarray:
     return image[60:, 360:]
 
 
-def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where two screenshots differ by more than compression-like noise (bool per pixel)."""
     return np.abs(a - b).sum(axis=2) > 30
 
 
@@ -86,10 +88,11 @@ async def _posed(cdp: Cdp, jaw: float) -> np.ndarray:
     """A screenshot with the newest pose held, its jaw opened `jaw` radians (after the software renderer drew it)."""
     await cdp.evaluate(f"window.fastavatar.holdPose({{jaw: [{jaw}, 0, 0]}})")
     await asyncio.sleep(2.5)
-    return await _screenshot(cdp)
+    return await screenshot(cdp)
 
 
-async def _state(cdp: Cdp) -> dict:
+async def page_state(cdp: Cdp) -> dict:
+    """What the page has seen so far (`window.fastavatar`, as JSON)."""
     return await cdp.evaluate("JSON.parse(JSON.stringify(window.fastavatar || null))") or {}
 
 
@@ -99,24 +102,25 @@ async def _drive_page(url: str, y4m: Path, profile: Path, artifacts: Path, stop_
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            state = await _state(cdp)
+            state = await page_state(cdp)
             if state.get("rigs", 0) >= 1 and state.get("posesShown", 0) >= 10 and state.get("viewer") == "ready":
                 break
         first = state
         await asyncio.sleep(4.0)
-        live = await _state(cdp)
+        live = await page_state(cdp)
+        render = await cdp.evaluate("window.fastavatar.renderStats()")
         await stop_sessions()  # no new avatar versions: the pictures below differ by the jaw alone
         for _ in range(3):  # a version already on its way may still arrive: then look again
             closed, opened, again = [await _posed(cdp, jaw) for jaw in (0.0, 0.45, 0.0)]
-            if _changed(view(closed), view(again)).mean() < 0.002:
+            if changed(view(closed), view(again)).mean() < 0.002:
                 break
         jitter = await cdp.evaluate(JITTER_CHECK)
         inputs = await cdp.evaluate(f"window.fastavatar.poseInputs({json.dumps(TEST_MOTION)})")
         from PIL import Image
 
         Image.fromarray(np.concatenate([closed, opened], axis=1).astype(np.uint8)).save(artifacts / "jaw.png")
-        return {"first": first, "live": live, "closed": closed, "opened": opened, "jitter": jitter, "inputs": inputs,
-                "console": cdp.console}
+        return {"first": first, "live": live, "render": render, "closed": closed, "opened": opened, "jitter": jitter,
+                "inputs": inputs, "console": cdp.console}
 
 
 def test_the_page_animates_the_live_avatar_and_the_jaw_moves_the_mouth(real_clip, tmp_path):
@@ -162,6 +166,11 @@ def test_the_page_animates_the_live_avatar_and_the_jaw_moves_the_mouth(real_clip
     assert live["posesShown"] > first["posesShown"], "the avatar stopped animating"
     frames = live["shownFrames"]
     assert frames == sorted(frames), "a shown pose stepped back"
+    # the frame counter counts renders of the animated mesh (benchmarks/browser_fps.py reads it)
+    render = result["render"]
+    times = render["frameTimes"]
+    assert render["frames"] >= len(times) > 10 and all(b > a for a, b in zip(times, times[1:])), render["frames"]
+    assert render["splatsAnimated"] > 0 and render["splatsDrawn"] > 0, render
     lat = live["poseLatencies"]
     print(f"pose latency over {len(lat)} poses: p50 {np.percentile(lat, 50):.0f} ms, p95 {np.percentile(lat, 95):.0f} ms "
           f"(jitter buffer {live['jitter'].get('delay', 0):.0f} ms; software WebGL on a shared machine)")
@@ -169,13 +178,13 @@ def test_the_page_animates_the_live_avatar_and_the_jaw_moves_the_mouth(real_clip
     closed, opened = view(result["closed"]), view(result["opened"])
     drawn = np.abs(closed - CLEAR_RGB).sum(axis=2) > 40
     assert drawn.mean() > 0.01, f"the animated avatar does not render; see {artifacts / 'jaw.png'}"
-    changed = _changed(opened, closed)
-    assert changed.sum() > 200, f"opening the jaw changed {changed.sum()} pixels; see {artifacts / 'jaw.png'}"
-    assert changed.sum() < 0.3 * drawn.sum(), "opening the jaw changed most of the avatar, not the mouth"
+    moved = changed(opened, closed)
+    assert moved.sum() > 200, f"opening the jaw changed {moved.sum()} pixels; see {artifacts / 'jaw.png'}"
+    assert moved.sum() < 0.3 * drawn.sum(), "opening the jaw changed most of the avatar, not the mouth"
     rows = np.nonzero(drawn.any(axis=1))[0]
     top, bottom = rows.min(), rows.max()
-    upper = changed[top: int(top + 0.35 * (bottom - top))].sum()
-    assert upper < 0.02 * changed.sum(), f"the jaw changed the upper head ({upper} of {changed.sum()} pixels)"
+    upper = moved[top: int(top + 0.35 * (bottom - top))].sum()
+    assert upper < 0.02 * moved.sum(), f"the jaw changed the upper head ({upper} of {moved.sum()} pixels)"
 
     jitter = result["jitter"]
     shown = jitter["shown"]

@@ -234,6 +234,8 @@ window.fastavatar.poseInputs = ({ pose, expression }) => {
   return { rigVersion: rig.version, anchorOffset: Array.from(anchorOffset), joints: Array.from(joints) };
 };
 window.fastavatar.releasePose = () => { heldPose = null; shown = null; };
+// Tests and benchmarks: the viewer's frame counter and splat counts (null until the viewer is up).
+window.fastavatar.renderStats = () => viewer?.renderStats() ?? null;
 
 loadViewer();
 start();

@@ -75,7 +75,8 @@ export class AvatarViewer {
     this.camera.position.set(0, 0, 0.8);
     this.controls = new OrbitControls(this.camera, this.renderer.domElement);
     this.controls.enableDamping = true;
-    this.scene.add(new SparkRenderer({ renderer: this.renderer }));
+    this.spark = new SparkRenderer({ renderer: this.renderer });
+    this.scene.add(this.spark);
     this.packed = new PackedSplats({ maxSplats: 1024 });
     this.mesh = null;
     this.animated = null; // {rig, mesh, textures, uniforms} once a rig arrived
@@ -84,9 +85,10 @@ export class AvatarViewer {
     this.lastPose = null;
     this.framed = false;
     this.frames = 0;
+    this.frameTimes = []; // requestAnimationFrame timestamps (ms) of the newest frames, oldest first
     this.resize();
     new ResizeObserver(() => this.resize()).observe(container);
-    this.renderer.setAnimationLoop(() => this.render());
+    this.renderer.setAnimationLoop((time) => this.render(time));
   }
 
   resize() {
@@ -96,11 +98,20 @@ export class AvatarViewer {
     this.camera.updateProjectionMatrix();
   }
 
-  render() {
+  render(time) {
     this.beforeRender?.();
     this.controls.update();
     this.renderer.render(this.scene, this.camera);
     this.frames++;
+    this.frameTimes.push(time);
+    if (this.frameTimes.length > 1000) this.frameTimes.shift();
+  }
+
+  // The frame loop so far: frames rendered, the timestamps of the newest (frame rate = their spacing), the splats
+  // the newest depth sort left to draw (Spark's activeSplats) and the splats of the animated mesh.
+  renderStats() {
+    return { frames: this.frames, frameTimes: [...this.frameTimes], splatsDrawn: this.spark.activeSplats,
+      splatsAnimated: this.animated ? this.animated.rig.M : 0 };
   }
 
   // state: AvatarState (wire.js); change: what AvatarState.apply returned.
