@@ -123,19 +123,28 @@ class RefineSession:
                         seen=self._fixed["seen"])
         return g.detach() if detach else g
 
-    def render_frames(self, frames: RefineFrames, index: torch.Tensor, gaussians: GaussianSet | None = None
-                      ) -> dict[str, torch.Tensor]:
+    def render_frames(self, frames: RefineFrames, index: torch.Tensor, gaussians: GaussianSet | None = None,
+                      background: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         g = self.gaussians(detach=False) if gaussians is None else gaussians
         world = g.to_world(self.prompts, self.head, frames.params.index(index))
         cams = frames.cameras.index(index)
         return render(world["means"], world["quats"], world["scales"], world["opacities"], world["colors"],
                       cams.viewmats, cams.Ks, cams.width, cams.height, backend=self.config.backend,
-                      background=frames.background)
+                      background=frames.background if background is None else background)
 
     def loss(self, frames: RefineFrames, index: torch.Tensor) -> torch.Tensor:
         c = self.config
-        out = self.render_frames(frames, index)
-        target = frames.images[index]
+        if frames.mattes is None:
+            out = self.render_frames(frames, index)
+            target = frames.images[index]
+        else:
+            # the matted head on a new random background each step, the render on the same one: only a
+            # transparent avatar off the matte matches them all (on one fixed background, Gaussians painted in
+            # its colour would match it too, and show as a white bib on any other)
+            background = torch.rand(3, generator=self.generator)
+            matte = frames.mattes[index]
+            out = self.render_frames(frames, index, background=background)
+            target = frames.images[index] + (1 - matte) * (background - frames.background)
         pred = out["rgb"]
         loss = torch.zeros(())
         if frames.mattes is not None:

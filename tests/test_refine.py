@@ -96,6 +96,27 @@ def test_with_mattes_refinement_fits_the_render_alpha_to_the_matte():
     assert silhouette_error() < 0.5 * before
 
 
+def test_off_the_matte_the_refined_avatar_turns_transparent_not_the_background_colour():
+    prompts, head = make_prompts(), RigidHead()
+    grey = scene(8)
+    grey.color = torch.full_like(grey.color, 0.5)
+    frames = make_frames(grey, prompts, head)
+    frames.images = torch.ones_like(frames.images)  # the tracker matted everything out: nothing but background
+    frames.mattes = torch.zeros(*frames.images.shape[:3], 1)
+    # the photometric terms alone: on the targets' white background, painting the Gaussians white would do too
+    session = RefineSession(grey, prompts, head, RefineConfig(backend="cpu", weight_silhouette=0.0))
+
+    def on_black() -> float:
+        """How bright the avatar shows on another background (a white bib, or nothing)."""
+        with torch.no_grad():
+            return float(session.render_frames(frames, torch.arange(len(frames)), background=torch.zeros(3))
+                         ["rgb"].mean())
+
+    before = on_black()
+    session.step(frames, iterations=60)
+    assert before > 0.02 and on_black() < 0.3 * before
+
+
 def test_mirror_anchors_pair_each_point_with_its_reflection():
     from engine.refine import mirror_anchors
 

@@ -18,7 +18,7 @@ const ui = {
 const live = (window.fastavatar = {
   state: "starting", session: null, versions: 0, snapshots: 0, deltas: 0, gaps: 0, errors: [],
   latencies: [], lastVersion: -1, gaussians: 0, viewer: "loading", stats: {},
-  rigs: 0, rigVersion: -1, motions: 0, motionErrors: 0, posesShown: 0, poseLatencies: [], motionLatencies: [],
+  rigs: 0, rigsShown: 0, rigVersion: -1, motions: 0, motionErrors: 0, posesShown: 0, poseLatencies: [], motionLatencies: [],
   shownFrames: [], jitter: {},
 });
 
@@ -49,11 +49,27 @@ function animate() {
   if (live.posesShown % 10 === 1) ui.poseLatency.textContent = `${ms.toFixed(0)} ms`;
 }
 
+// A rig rebuilds the animated mesh (every splat packed, new textures and modifier). On a slow machine that holds
+// the page's main thread long enough to delay motions and drawing, so the page takes a rig at most once per
+// RIG_GAP_FACTOR times what the last one cost (and RIG_MIN_GAP_MS apart): the newest waits, older ones are dropped.
+const RIG_MIN_GAP_MS = 1000, RIG_GAP_FACTOR = 10;
+let pendingRig = null, rigTimer = null, nextRigAt = 0;
+
 function onRig(msg) {
-  rig = new Rig(msg);
   live.rigs++;
+  pendingRig = msg;
+  if (rigTimer === null) rigTimer = setTimeout(applyRig, Math.max(0, nextRigAt - performance.now()));
+}
+
+function applyRig() {
+  rigTimer = null;
+  const t0 = performance.now();
+  rig = new Rig(pendingRig);
+  pendingRig = null;
   live.rigVersion = rig.version;
+  live.rigsShown++;
   if (viewer) viewer.setRig(rig);
+  nextRigAt = performance.now() + Math.max(RIG_MIN_GAP_MS, RIG_GAP_FACTOR * (performance.now() - t0));
 }
 
 function onMotion(data) {

@@ -116,6 +116,7 @@ export class AvatarViewer {
 
   // state: AvatarState (wire.js); change: what AvatarState.apply returned.
   update(state, change) {
+    if (this.animated) return; // once a rig arrived the static mesh is hidden for good: repacking it is wasted work
     const arr = this.packed.ensureSplats(state.nSlots);
     const f = state.fields;
     const write = (s) => {
