@@ -11,7 +11,9 @@ deltas from a per-peer `DeltaStream`) chunked to 16 KiB by `protocols.chunking`.
 message it looks at the channel's `bufferedAmount`: above `max_buffered` bytes the version is
 skipped (counted) and the next send carries one conflated delta from the last state that really
 left, so a slow browser gets the newest state, never a backlog. When the buffer drains
-(`bufferedamountlow`) the skipped state is flushed, so the last version always arrives.
+(`bufferedamountlow`) the skipped state is flushed, so the last version always arrives. The daemon wraps the
+avatar channel in a `PacedChannel`, which lets its chunks into the peer connection 16 KiB at a time: aiortc sends
+all channels of a connection through one queue, and a motion must not wait behind megabytes of avatar.
 
 Animation out: `AnimationSender` sends the session's `rig` (a `protocols.wire` message, see
 `protocols.animation`) on the avatar channel after the avatar messages, the newest one waiting while that
