@@ -109,6 +109,7 @@ def test_replay_and_serve_refuse_output_folders_they_cannot_write(tmp_path, clip
     (["--refine", "nan"], "--refine"),
     (["--allow-source", "/no/such/folder"], "--allow-source"),
     (["--curve-keys", "/no/such/folder"], "--curve-keys"),
+    (["--engine-nice", "40"], "--engine-nice"),
 ])
 def test_serve_refuses_exposed_or_bad_settings_before_starting(capsys, args, needs):
     args = [a.format(port=free_port()) for a in args]
