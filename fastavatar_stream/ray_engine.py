@@ -290,6 +290,7 @@ class RayEngineWorker(threading.Thread):
                     sessions = dict(self._sessions)
                 for sid in closing:
                     self._close(sid)
+                    sessions.pop(sid, None)  # taken before it was closed: it must not be placed again
                 self._place_waiting(sessions)
                 for actor in self.actors:
                     if actor.alive and actor.call is None:

@@ -268,3 +268,29 @@ def test_two_daemons_on_one_cluster_share_its_actors_and_spread_their_sessions(r
     assert same_actors, "the second daemon started actors of its own"
     assert {placed["first"], placed["second"]} == {"engine-0", "engine-1"}  # the other daemon's session counts
     assert all(s.state == "ended" and s.error is None and s.windows_done > 0 for s in ends)
+
+
+def test_a_session_closed_with_work_left_is_never_placed_again(ray_cluster, clips, micro_weights):
+    from engine.avatar_model import AvatarModel
+    from fastavatar_stream.daemon import Daemon, DaemonConfig
+    from fastavatar_stream.session import SessionOptions
+    from fastavatar_stream.sources import VideoFileSource
+
+    async def scenario():
+        daemon = Daemon(DaemonConfig(weights=str(micro_weights), ray="local", engine_actors=1),
+                        model=AvatarModel.load(micro_weights))
+        await daemon.start()
+        try:
+            sid = await daemon.open_session(VideoFileSource(clips[0], loop=True),
+                                            options=SessionOptions(refine_seconds=60.0))
+            while daemon.buffers[sid].version < 1:  # placed, working, with windows and refinement still to do
+                await asyncio.sleep(0.05)
+            assert sid in daemon.worker.placement()
+            await daemon.close_session(sid)
+            await asyncio.sleep(1.0)  # several rounds of the Ray engine's loop
+            return sid, daemon.worker.placement()
+        finally:
+            await daemon.shutdown()
+
+    sid, placement = asyncio.run(scenario())
+    assert sid not in placement
