@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/likeness.py                      # both real clips, tail 0.25, 20 s refinement
     .venv/bin/python benchmarks/likeness.py --clips a.mp4 b.mp4 --max-frames 96 --refine 5 --linger 10
+    .venv/bin/python benchmarks/likeness.py --no-surface --json benchmarks/results/likeness_no_surface.json
 
 Per clip, three whole replays in this process (`fastavatar_stream.replay.replay`), all with the tail hold-out
 (`replay CLIP --holdout-tail 0.25`: the avatar is built from the first 75% of the clip and scored on its last
@@ -62,7 +63,7 @@ def replay(clip: Path, name: str, args: argparse.Namespace, **options):
 
     opts = ReplayOptions(source=str(clip), out=args.out_dir / clip.stem / f"tail_{name}", weights=args.weights,
                          holdout_tail=args.tail, budget=args.gaussians, max_frames=args.max_frames,
-                         detector=args.detector, progress=False, **options)
+                         detector=args.detector, surface=args.surface, progress=False, **options)
     print(f"likeness: {clip.name}: {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     result = asyncio.run(run(opts))
@@ -267,6 +268,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gaussians", type=int, default=60_000, help="Gaussian budget per avatar")
     ap.add_argument("--landmarks", "--detector", dest="detector", default="auto",
                     choices=["auto", "mediapipe", "dlib", "face-alignment"], help="tracker landmark backend")
+    ap.add_argument("--surface", action=argparse.BooleanOptionalAction, default=None,
+                    help="paint a surface layer (default: the model's default, on for ours)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS / "likeness", help="folder for PNGs and replays")
     ap.add_argument("--json", type=Path, default=RESULTS / "likeness.json", help="JSON summary")
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         clip["targets_met"] = verdicts(clip)
     for clip in clips.values():
         del clip["_results"]
-    results = {"weights": args.weights or "default", "tail": args.tail, "refine_s": args.refine,
+    results = {"weights": args.weights or "default", "surface": args.surface, "tail": args.tail, "refine_s": args.refine,
                "linger_s": args.linger, "max_frames": args.max_frames, "same_person_threshold": SAME_PERSON,
                "targets": TARGETS, "clips": clips, "wall_s": round(time.perf_counter() - t0, 1),
                "command": "python benchmarks/likeness.py " + " ".join(argv if argv is not None else sys.argv[1:]),

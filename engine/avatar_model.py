@@ -81,6 +81,13 @@ class AvatarModel:
         return str(self.metadata.get("fusion", "visibility"))
 
     @property
+    def default_surface(self) -> bool:
+        """Whether sessions paint a surface layer (`engine.surface`) unless told otherwise: on for our models (a
+        small network trained on synthetic heads is blurry on real faces), off for the official weights, which
+        keep the released behaviour."""
+        return bool(self.metadata.get("surface", self.default_fusion == "visibility"))
+
+    @property
     def input_size(self) -> int:
         return self.network.cfg.image_size
 

@@ -136,9 +136,13 @@ class IncrementalFuser:
             self._shape = shape.detach().clone()
         return self._publish({"fused": before, "kept": len(self._avatar), "new_frames": sorted(new_frames)})
 
-    def replace(self, gaussians: GaussianSet, stats: dict | None = None) -> AvatarState:
-        """Install a refined avatar (same frames, uids kept); pruned to the budget like any other version."""
+    def replace(self, gaussians: GaussianSet, stats: dict | None = None,
+                shape: torch.Tensor | None = None) -> AvatarState:
+        """Install a new avatar made from this one (refined, or a painted surface layer; uids kept, new Gaussians
+        get theirs), pruned to the budget like any other version; `shape` updates the identity shape."""
         self._avatar = self._with_uids(gaussians.detach()).prune(float("-inf"), self.budget)
+        if shape is not None:
+            self._shape = shape.detach().clone()
         return self._publish(dict(stats or {}, kept=len(self._avatar)))
 
     def _with_uids(self, gaussians: GaussianSet) -> GaussianSet:
@@ -154,7 +158,7 @@ class IncrementalFuser:
         return AvatarState(self._version, self._avatar, self._shape, self._frames(), {})
 
     def _frames(self) -> list[int]:
-        return sorted(f for f in torch.unique(self._avatar.frame).tolist() if f != POOL_FRAME)
+        return sorted(f for f in torch.unique(self._avatar.frame).tolist() if f >= 0)  # not pool or surface ids
 
     def _publish(self, stats: dict) -> AvatarState:
         self._version += 1

@@ -207,6 +207,8 @@ class Daemon:
         options = options or SessionOptions(**vars(self.config.session_defaults))
         if options.fusion is None:  # the model's own rule (the caller's options object stays as it was)
             options = dataclasses.replace(options, fusion=self.model.default_fusion)
+        if options.surface is None:
+            options = dataclasses.replace(options, surface=self.model.default_surface)
         if getattr(source, "live", False) or getattr(source, "realtime", False):
             options = dataclasses.replace(options, live=True)  # a file paced like a camera is served like one
         session_id = f"s{next(self._ids)}"

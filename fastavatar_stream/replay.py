@@ -61,6 +61,7 @@ class ReplayOptions:
     progress: bool = True
     linger_s: float = 0.0
     fusion: str | None = None
+    surface: bool | None = None
     device: str = "cpu"
 
 
@@ -93,7 +94,7 @@ async def replay(opts: ReplayOptions) -> ReplayResult:
         options = SessionOptions(live=opts.realtime, budget=opts.budget, holdout=opts.holdout,
                                  holdout_from=tail_start(source, opts), refine_seconds=opts.refine_seconds,
                                  max_frames=opts.max_frames, detector=opts.detector, fov_degrees=opts.fov_degrees,
-                                 fusion=opts.fusion, linger_s=opts.linger_s)
+                                 fusion=opts.fusion, surface=opts.surface, linger_s=opts.linger_s)
         daemon = Daemon(DaemonConfig(weights=opts.weights, device=opts.device, publish=opts.publish,
                                      control=opts.control))
         await daemon.start()
@@ -281,7 +282,8 @@ def input_preparation(model, session: Session) -> dict:
              f"tracker matte on {preparer.mattes_used} of {session.frames_tracked} frames" if preparer.mattes_used
              else "none available: crops keep their own background")
     return {"tracking_head": getattr(model.landmark_head, "source", "unknown"), "framing": model.framing,
-            "crop_scale": preparer.scale, "size": preparer.size, "matte": matte, "fusion": session.options.fusion}
+            "crop_scale": preparer.scale, "size": preparer.size, "matte": matte, "fusion": session.options.fusion,
+            "surface": session.options.surface}
 
 
 def holdout_samples(session: Session, limit: int) -> list[RefineSample]:

@@ -40,6 +40,9 @@ class SessionOptions:
     fusion: "visibility" (each copy of an anchor weighs by how squarely its frame saw it) or "concat" (the paper's
       plain concatenation, every copy at its predicted opacity, pruned by importance); None: the model's default
       (`AvatarModel.default_fusion`, set when the daemon opens the session).
+    surface: tile the avatar's surface with small Gaussians painted by the frames of every window
+      (`engine.surface`); None: the model's default (`AvatarModel.default_surface`, set when the daemon opens
+      the session).
     refine_share_max: live mode: the largest share of this session's engine time refinement may take from
       windows. The next window waits while refinement since the last window is short of
       share / (1 - share) x the last window's engine time, share = min(refine_share_max, 1 - coverage gain):
@@ -60,6 +63,7 @@ class SessionOptions:
     refine_pool_size: int = 24
     max_frames: int | None = None
     fusion: str | None = None
+    surface: bool | None = None
     detector: str = "auto"
     fov_degrees: float = 40.0
     max_ready_windows: int = 2

@@ -22,10 +22,12 @@ import torch
 
 from engine.avatar_model import AvatarModel, WindowRequest
 from engine.fusion import AvatarState, FuserState, IncrementalFuser
+from engine.gaussians import GaussianSet
 from engine.refine import RefineConfig, RefineFrames, RefineSession
+from engine.surface import SurfaceConfig, paint, surface_gaussians
 from fastavatar_stream.frames import TrackedFrame, Window
 from fastavatar_stream.prepare import PreparedFrame
-from fastavatar_stream.session import RefineSample, Session, light_frame
+from fastavatar_stream.session import RefineSample, Session, crop_matte, light_frame
 from fastavatar_stream.views import refine_frames, tracked_views
 
 
@@ -50,7 +52,9 @@ class WindowJob:
     """One window as the engine needs it.
 
     frames: the window's sparse tracked frames, without their full-resolution image; prepared: their model-size
-    crops (same order); pool: crops of the FramePack pool frames; fusion: the session's fusion mode.
+    crops (same order); pool: crops of the FramePack pool frames; fusion: the session's fusion mode;
+    surface: paint the avatar's surface layer with the window's frames (`engine.surface`); mattes: the tracker's
+    head mattes cut like the crops (None where it gave none), for the painting.
     """
 
     session: str
@@ -59,12 +63,16 @@ class WindowJob:
     prepared: list[PreparedFrame]
     pool: list[PreparedFrame]
     fusion: str
+    surface: bool = False
+    mattes: list[np.ndarray | None] = field(default_factory=list)
 
     @classmethod
     def from_window(cls, session: Session, window: Window) -> "WindowJob":
-        return cls(session.id, window.index, [light_frame(f) for f in window.frames],
-                   [session.prepared(f) for f in window.frames], [session.prepared(f) for f in window.pool],
-                   session.options.fusion)
+        prepared = [session.prepared(f) for f in window.frames]
+        surface = bool(session.options.surface)
+        mattes = [crop_matte(f, p) for f, p in zip(window.frames, prepared)] if surface else []
+        return cls(session.id, window.index, [light_frame(f) for f in window.frames], prepared,
+                   [session.prepared(f) for f in window.pool], session.options.fusion, surface, mattes)
 
 
 @dataclass
@@ -98,11 +106,14 @@ class StageLog:
 class SessionEngine:
     """The engine side of one session: see the module docstring."""
 
-    def __init__(self, fuser: IncrementalFuser, refine: RefineConfig | None = None) -> None:
+    def __init__(self, fuser: IncrementalFuser, refine: RefineConfig | None = None,
+                 surface: SurfaceConfig | None = None) -> None:
         self.fuser = fuser
         self.refine_config = refine or RefineConfig()
+        self.surface_config = surface or SurfaceConfig()
         self._refiner: RefineSession | None = None
         self._targets: tuple[tuple[int, ...], RefineFrames] | None = None
+        self._paint: tuple[list[int], RefineFrames] | None = None  # the window being run, when it paints
 
     @classmethod
     def resume(cls, state: FuserState | None, budget: int, refine: RefineConfig | None = None) -> "SessionEngine":
@@ -119,21 +130,43 @@ class SessionEngine:
         request = self.window_request(model, job, timer)
         with timer.time("engine"):
             sets = model.windows_gaussians([request])[0]
-        return self.fold(sets, request.shape, timer)
+        return self.fold(model, sets, request.shape, timer)
 
-    @staticmethod
-    def window_request(model: AvatarModel, job: WindowJob, timer) -> WindowRequest:
-        """The network's view of one window (`AvatarModel.windows_gaussians` may batch it with other sessions')."""
+    def window_request(self, model: AvatarModel, job: WindowJob, timer) -> WindowRequest:
+        """The network's view of one window (`AvatarModel.windows_gaussians` may batch it with other sessions');
+        a painting window also leaves its painting frames for `fold`."""
         with timer.time("prepare_window"):
             views = tracked_views(job.frames, job.prepared, model)
             pool = torch.stack([torch.from_numpy(p.image) for p in job.pool]) if job.pool else None
             shape = torch.from_numpy(np.asarray(job.frames[-1].flame.shape, np.float32))
+            self._paint = self._paint_frames(model, job) if job.surface else None
         return WindowRequest(views, [f.index for f in job.frames], shape, pool, job.fusion)
 
-    def fold(self, sets, shape: torch.Tensor, timer) -> AvatarState:
-        """Fold one window's per-slot GaussianSets into the avatar: the next version."""
-        with timer.time("fuse"):
-            return self.fuser.add_window(sets, shape)
+    def _paint_frames(self, model: AvatarModel, job: WindowJob) -> tuple[list[int], RefineFrames]:
+        """At most `fit_frames` of the window's frames, evenly spaced, as painting targets (the refiner's kind)."""
+        n = len(job.frames)
+        picked = sorted(set(np.linspace(0, n - 1, min(n, self.surface_config.fit_frames)).round().astype(int)))
+        mattes = job.mattes or [None] * n
+        samples = [RefineSample(job.frames[i].index, job.frames[i], job.prepared[i], mattes[i]) for i in picked]
+        return [s.index for s in samples], refine_frames(samples, model)
+
+    def fold(self, model: AvatarModel, sets, shape: torch.Tensor, timer) -> AvatarState:
+        """Fold one window's per-slot GaussianSets into the avatar: the next version. With a surface layer the
+        window's frames paint the layer (made on the first window) and the network's Gaussians only seed the
+        colours of what no frame has shown yet."""
+        if self._paint is None:
+            with timer.time("fuse"):
+                return self.fuser.add_window(sets, shape)
+        frame_ids, frames = self._paint
+        self._paint = None
+        device = model.device
+        prompts, head = model.posing_on(device)
+        with timer.time("paint"):
+            layer = self.fuser.avatar if len(self.fuser.avatar) else surface_gaussians(prompts, self.surface_config,
+                                                                                       self.fuser.budget)
+            painted, stats = paint(layer.to(device), GaussianSet.fuse(sets).to(device), frames.to(device), frame_ids,
+                                   prompts, head, self.surface_config)
+        return self.fuser.replace(painted.to("cpu"), {"surface": stats}, shape=shape)
 
     def refine(self, model: AvatarModel, job: RefineJob, timer,
                stop: Callable[[], bool] | None = None) -> AvatarState:

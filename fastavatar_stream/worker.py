@@ -231,7 +231,7 @@ class EngineWorker(threading.Thread):
         for (session, window, engine, request), sets in zip(requests, results):
             session.timer.add("engine", elapsed)
             try:
-                version = engine.fold(sets, request.shape, session.timer)
+                version = engine.fold(self.model, sets, request.shape, session.timer)
                 session.window_folded(window)
                 self.windows_done += 1
                 self.on_version(session, version, max(f.t_capture for f in window.frames))

@@ -219,3 +219,28 @@ def test_a_tracker_matte_puts_kept_frames_on_white_like_the_renders(micro_weight
     assert bool((cut <= crop_matte + 1e-6).all())
     far = (crop_matte > 0.99) & (head_reach(head_masks(model, frames))[0, ..., 0] == 0)
     assert far.any() and bool((cut[far] == 0).all())
+
+
+def test_the_surface_layer_is_painted_by_window_frames_only_and_can_be_turned_off(clip, micro_weights):
+    from engine.surface import hexagon
+
+    session, _ = run_session(micro_weights, clip, holdout=3, refine_seconds=0.0, surface=True)
+    assert session.state == "ended", session.error and session.options.surface
+    layer = session.latest.gaussians
+    n_points = int(layer.anchor.max()) + 1
+    assert len(layer) == n_points * len(hexagon(2)) and layer.seen is None  # the layer alone, every point tiled
+    painted = layer.frame[layer.frame >= 0].unique().tolist()
+    assert painted and not any(session.is_holdout(f) for f in painted)  # held-out frames never paint it
+    assert set(session.latest.frames) == set(painted) and (layer.importance > 0).any()
+
+    plain, _ = run_session(micro_weights, clip, refine_seconds=0.0, surface=False)
+    assert plain.latest.gaussians.seen is not None  # the network's own Gaussians, fused by visibility
+    assert len(plain.latest.gaussians) != len(layer)
+
+
+def test_head_reach_grows_a_mask_by_a_square_of_its_fraction():
+    from fastavatar_stream.views import head_reach
+
+    masks = (torch.rand(3, 40, 40, 1, generator=torch.Generator().manual_seed(0)) > 0.98).float()
+    square = torch.nn.functional.max_pool2d(masks.permute(0, 3, 1, 2), 5, stride=1, padding=2).permute(0, 2, 3, 1)
+    assert torch.equal(head_reach(masks, fraction=2 / 40), square)

@@ -161,6 +161,7 @@ def test_the_official_model_tracks_the_users_flame_and_frames_the_head(release) 
     assert head.source.endswith("flame2023.pkl")
     assert (model.framing, model.crop_scale, model.expects_matted, model.default_fusion) == ("head", 1.65, True,
                                                                                             "concat")
+    assert not model.default_surface  # the released behaviour: no surface layer unless asked for
     assert len(model.prompts) == model.network.cfg.n_points == 64
     assert not is_official_release(default_checkpoint_dir())  # our own checkpoint is not mistaken for a release
 

@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="how per-frame Gaussians combine: visibility (each anchor's copies weighted by how squarely "
                         "their frames saw it; default for our models) or concat (the paper's plain concatenation "
                         "and importance pruning; default for the official weights)")
+    p.add_argument("--surface", action=argparse.BooleanOptionalAction, default=None,
+                   help="tile the avatar's surface with small Gaussians painted by the frames (default: on for our "
+                        "models, off for the official weights)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     add_landmarks_option(p)
     p.add_argument("--fov", type=float, default=40.0,
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                          holdout_tail=args.holdout_tail, refine_seconds=refine,
                          budget=args.budget, max_frames=args.max_frames, detector=args.landmarks,
                          fov_degrees=args.fov, progress=not args.no_progress and sys.stderr.isatty(),
-                         linger_s=args.linger, fusion=args.fusion, device=device)
+                         linger_s=args.linger, fusion=args.fusion, surface=args.surface, device=device)
     report = asyncio.run(run_replay(opts))
     summary = {k: report.get(k) for k in ("frames_read", "frames_tracked", "windows", "versions", "wall_s",
                                           "realtime_factor", "first_avatar_s", "n_gaussians_final")}

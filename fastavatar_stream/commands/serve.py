@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--fusion", choices=["visibility", "concat"], default=None,
                    help="how per-frame Gaussians combine (default: visibility for our models, concat = the paper's "
                         "concatenation and importance pruning for the official weights)")
+    p.add_argument("--surface", action=argparse.BooleanOptionalAction, default=None,
+                   help="tile the avatar's surface with small Gaussians painted by the frames (default: on for our "
+                        "models, off for the official weights)")
     add_landmarks_option(p)
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",
@@ -125,7 +128,7 @@ async def serve(args: argparse.Namespace) -> None:
     from fastavatar_stream.sources import open_source
     from protocols.zmq_transport import CurveServer
 
-    defaults = SessionOptions(budget=args.budget, refine_seconds=args.refine, fusion=args.fusion,
+    defaults = SessionOptions(budget=args.budget, refine_seconds=args.refine, fusion=args.fusion, surface=args.surface,
                               detector=args.landmarks)
     policy = SourcePolicy.from_folders(args.allow_source, allow_device=args.allow_device)
     http = parse_http(args.http) if args.http else None
