@@ -167,7 +167,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         out = Path(args.work) / mode
         opts = ReplayOptions(source=str(args.video), out=out, weights=args.weights, realtime=mode == "realtime",
                              refine_seconds=args.refine, budget=args.budget, max_frames=args.max_frames,
-                             detector=args.detector, progress=False)
+                             detector=args.detector, surface=args.surface, progress=False)
         report = asyncio.run(run_replay(opts))
         result = summarize(report)
         result["outputs"] = str(out)
@@ -194,7 +194,8 @@ async def _soak(args: argparse.Namespace, sampler: RssSampler) -> dict:
     print(f"soak: daemon started in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     try:
         source = VideoFileSource(args.video, realtime=True, loop=True)
-        options = SessionOptions(live=True, budget=args.budget, refine_seconds=args.refine, detector=args.detector)
+        options = SessionOptions(live=True, budget=args.budget, refine_seconds=args.refine, detector=args.detector,
+                                 surface=args.surface)
         sampler.restart()  # the series starts with the stream, after model loading and warm-up
         sid = await daemon.open_session(source, name=f"soak:{Path(args.video).name}", options=options)
         session = daemon.sessions[sid]
@@ -302,6 +303,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget", type=int, default=60_000, help="Gaussian budget per avatar")
     ap.add_argument("--detector", "--landmarks", dest="detector", default="auto",
                     choices=["auto", "mediapipe", "dlib", "face-alignment"])
+    ap.add_argument("--surface", action=argparse.BooleanOptionalAction, default=None,
+                    help="paint a surface layer (default: the model's default, on for ours)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     ap.add_argument("--work", default=None, help="folder for the replays' outputs (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
@@ -333,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {m: run_child(m, args, passthrough) for m in args.modes}
     data = {
         "video": str(args.video), "weights": args.weights or "default", "refine_s": args.refine,
-        "budget": args.budget, "max_frames": args.max_frames,
+        "budget": args.budget, "max_frames": args.max_frames, "surface": args.surface,
+        "command": "python benchmarks/replay.py " + " ".join(raw),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},

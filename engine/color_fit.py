@@ -8,8 +8,9 @@ problem: every Gaussian moves by the blending-weighted mean of the residuals of 
     cᵢ ← cᵢ + Σ_f,p wᵢ(p) r(p) / (Σ_f,p wᵢ(p) + priorᵢ),
 
 so a Gaussian the frames saw takes the colour they showed, one hidden behind others or facing away (Σ w ≈ 0)
-keeps the colour it had, and its prior says how many fully-blended pixels its current colour counts as. Both
-sums are vector-Jacobian products of one render, so the fit runs on any `engine.render` backend.
+keeps the colour it had, and its prior says how many fully-blended pixels its current colour counts as. With
+mattes, both sums run over the person's pixels only (weighted by the matte). Both sums are vector-Jacobian
+products of one render, so the fit runs on any `engine.render` backend.
 """
 from __future__ import annotations
 
@@ -85,8 +86,11 @@ def _weighted_residuals(gaussians: GaussianSet, colors: torch.Tensor, frames: Re
                          cams.viewmats, cams.Ks, cams.width, cams.height, backend=config.backend,
                          background=frames.background)["rgb"]
             residual = frames.images[index] - rgb.detach()
-            (num,) = torch.autograd.grad(rgb, per_camera, grad_outputs=residual, retain_graph=True)
-            (blend,) = torch.autograd.grad(rgb, per_camera, grad_outputs=torch.ones_like(rgb))
+            # with mattes only the person's pixels paint: a Gaussian seen edge-on at the silhouette would
+            # otherwise take the background's colour and show it when the head turns
+            trust = torch.ones_like(rgb) if frames.mattes is None else frames.mattes[index].expand_as(rgb)
+            (num,) = torch.autograd.grad(rgb, per_camera, grad_outputs=residual * trust, retain_graph=True)
+            (blend,) = torch.autograd.grad(rgb, per_camera, grad_outputs=trust)
         total += float(residual.abs().sum())
         count += residual.numel()
         numerator += num.sum(0)

@@ -220,7 +220,7 @@ class RefineSession:
 
 def mirror_anchors(points: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """(P,) index of the point nearest to each point's mirror image across x = 0 (FLAME's left-right plane)."""
-    mirrored = points * torch.tensor([-1.0, 1.0, 1.0], dtype=points.dtype)
+    mirrored = points * torch.tensor([-1.0, 1.0, 1.0], dtype=points.dtype, device=points.device)
     return torch.cat([torch.cdist(mirrored[i:i + chunk], points).argmin(dim=1)
                       for i in range(0, len(points), chunk)])
 

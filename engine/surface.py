@@ -22,7 +22,7 @@ import torch
 
 from engine.color_fit import ColorFitConfig, fit_colors
 from engine.gaussians import GaussianSet
-from engine.refine import RefineFrames
+from engine.refine import RefineFrames, mirror_anchors
 
 #: `frame` of a surface Gaussian no frame has painted yet
 SURFACE_FRAME = -2
@@ -35,7 +35,10 @@ class SurfaceConfig:
     """rings: hexagonal rings of children around each point (1 + 3·rings·(rings+1) children a point);
     reach: radius of a point's patch in median point spacings (above 0.5 neighbouring patches overlap);
     thickness: standard deviation along the normal, metres; opacity: of every child;
-    fit_frames: at most this many frames of a window (evenly spaced) paint the layer; fit: the colour fit."""
+    fit_frames: at most this many frames of a window (evenly spaced) paint the layer; fit: the colour fit;
+    fill_unseen: children no frame has shown take the colour painted on their point's mirror image across the
+    face, or else on the nearest painted point (a prior for the sides the camera never showed), instead of the
+    network's."""
 
     rings: int = 2
     reach: float = 0.7
@@ -43,6 +46,7 @@ class SurfaceConfig:
     opacity: float = 0.9
     fit_frames: int = 8
     fit: ColorFitConfig = field(default_factory=ColorFitConfig)
+    fill_unseen: bool = True
 
 
 def surface_gaussians(prompts, config: SurfaceConfig | None = None, budget: int | None = None) -> GaussianSet:
@@ -83,9 +87,35 @@ def paint(layer: GaussianSet, network: GaussianSet, frames: RefineFrames, frame_
     ids = torch.as_tensor(frame_ids, dtype=torch.long, device=layer.frame.device)
     frame = torch.where(fit.weight >= SHOWN, ids[fit.source.clamp_min(0)], layer.frame)
     painted = replace(fit.gaussians, importance=layer.importance + fit.weight, frame=frame)
+    if c.fill_unseen:
+        painted = fill_unseen(painted, prompts)
     stats = {"frames": len(frames), "painted": float((painted.importance >= 1).float().mean()),
              "residual_first": round(fit.residual_first, 5), "residual_last": round(fit.residual_last, 5)}
     return painted, stats
+
+
+def fill_unseen(layer: GaussianSet, prompts) -> GaussianSet:
+    """Children shown less than SHOWN take the importance-weighted colour of the shown children of their point's
+    mirror point (across FLAME's left-right plane, x = 0), or where that was not shown either, of the nearest
+    point with shown children (unchanged while no child was shown)."""
+    shown = layer.importance >= SHOWN
+    if not shown.any() or shown.all():
+        return layer
+    points = prompts.v_template.to(layer.color.dtype)
+    n = len(points)
+    weight = torch.where(shown, layer.importance, torch.zeros_like(layer.importance))
+    total = torch.zeros(n, 3, dtype=weight.dtype, device=weight.device).index_add(
+        0, layer.anchor, layer.color * weight[:, None])
+    mass = torch.zeros(n, dtype=weight.dtype, device=weight.device).index_add(0, layer.anchor, weight)
+    painted = torch.nonzero(mass > 0).squeeze(1)
+    colour = total[painted] / mass[painted, None]
+    source = torch.full((n,), -1, dtype=torch.long, device=weight.device)  # row of `colour` each point takes
+    source[painted] = torch.arange(len(painted), device=weight.device)
+    mirror = source[mirror_anchors(points)]
+    nearest = torch.cat([torch.cdist(points[i:i + 2048], points[painted]).argmin(dim=1)
+                         for i in range(0, n, 2048)])
+    fill = torch.where(mirror >= 0, mirror, nearest)
+    return replace(layer, color=torch.where(shown[:, None], layer.color, colour[fill[layer.anchor]]))
 
 
 def anchor_colors(gaussians: GaussianSet, n_points: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 from engine.color_fit import ColorFitConfig, fit_colors
 from engine.gaussians import GaussianSet, quaternion_to_matrix
 from engine.refine import RefineConfig, RefineFrames, RefineSession
-from engine.surface import SURFACE_FRAME, SurfaceConfig, hexagon, paint, surface_gaussians
+from engine.refine import mirror_anchors
+from engine.surface import SHOWN, SURFACE_FRAME, SurfaceConfig, fill_unseen, hexagon, paint, surface_gaussians
 from engine.types import FlameParams, orbit_cameras
 from linear_head import LinearPrompts, RigidHead, make_prompts
 from test_refine import make_frames, scene
@@ -116,7 +117,7 @@ def test_painting_makes_the_layer_look_like_the_frames_and_remembers_them():
         rotation=torch.tensor([[1.0, 0, 0, 0]]).expand(len(prompts), 4), scale=torch.full((len(prompts), 3), 0.01),
         opacity=torch.full((len(prompts),), 0.5), color=torch.tensor([[0.2, 0.4, 0.6]]).expand(len(prompts), 3),
         importance=torch.ones(len(prompts)), frame=0)
-    config = SurfaceConfig(fit=ColorFitConfig(iterations=3, backend="cpu"))
+    config = SurfaceConfig(fit=ColorFitConfig(iterations=3, backend="cpu"), fill_unseen=False)
     layer = surface_gaussians(prompts, config)
     painted, stats = paint(layer, network, frames, [10, 11, 12, 13], prompts, head, config)
 
@@ -149,3 +150,39 @@ def test_a_small_budget_gets_fewer_rings():
     assert len(surface_gaussians(prompts, SurfaceConfig(rings=2), budget=200 * 19)) == 200 * 19
     assert len(surface_gaussians(prompts, SurfaceConfig(rings=2), budget=200 * 19 - 1)) == 200 * 7
     assert len(surface_gaussians(prompts, SurfaceConfig(rings=2), budget=50)) == 200  # one a point, pruned later
+
+
+def test_unseen_children_take_their_mirror_points_colour_or_the_nearest_painted_one():
+    prompts = sphere_prompts()
+    layer = surface_gaussians(prompts, SurfaceConfig(rings=0))          # one child a point
+    x = prompts.v_template[:, 0]
+    shown = x > 0.02                                                      # the camera saw the +x side only
+    colour = torch.stack([prompts.v_template[:, 1] * 5 + 0.5, torch.full_like(x, 0.2), torch.rand(len(x))], 1)
+    layer = dataclasses.replace(layer, color=torch.where(shown[:, None], colour, torch.zeros(3)),
+                                importance=torch.where(shown, 4.0, 0.1 * SHOWN))
+    filled = fill_unseen(layer, prompts)
+    assert torch.equal(filled.color[shown], layer.color[shown])          # what was shown stays
+    mirror = mirror_anchors(prompts.v_template)
+    across = (x < -0.02) & shown[mirror]
+    assert across.sum() > 50
+    assert torch.allclose(filled.color[across], layer.color[mirror[across]])
+    middle = ~shown & ~shown[mirror]
+    assert middle.any()
+    nearest_shown = torch.cdist(prompts.v_template[middle], prompts.v_template[shown]).argmin(dim=1)
+    assert torch.allclose(filled.color[middle], layer.color[shown][nearest_shown])
+    assert torch.equal(fill_unseen(surface_gaussians(prompts), prompts).color, surface_gaussians(prompts).color)
+
+
+def test_with_mattes_only_the_persons_pixels_paint():
+    prompts, head = make_prompts(), RigidHead()
+    target = scene(4)
+    frames = make_frames(target, prompts, head)
+    grey = dataclasses.replace(target, color=torch.full_like(target.color, 0.5))
+    left = torch.zeros(len(frames), 48, 48, 1)
+    left[:, :, :24] = 1.0                                                 # the person is the left half
+    fit = fit_colors(grey, dataclasses.replace(frames, mattes=left), prompts, head, ColorFitConfig(backend="cpu"))
+    everywhere = fit_colors(grey, frames, prompts, head, ColorFitConfig(backend="cpu"))
+    assert 0 < fit.weight.sum() < 0.8 * everywhere.weight.sum()
+    nobody = fit_colors(grey, dataclasses.replace(frames, mattes=torch.zeros_like(left)), prompts, head,
+                        ColorFitConfig(backend="cpu"))
+    assert nobody.weight.abs().max() == 0 and torch.equal(nobody.gaussians.color, grey.color)
