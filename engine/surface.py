@@ -44,7 +44,7 @@ class SurfaceConfig:
     reach: float = 0.7
     thickness: float = 3e-4
     opacity: float = 0.9
-    fit_frames: int = 8
+    fit_frames: int = 4
     fit: ColorFitConfig = field(default_factory=ColorFitConfig)
     fill_unseen: bool = True
 
