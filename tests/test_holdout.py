@@ -109,8 +109,9 @@ def test_refinement_never_makes_a_ready_window_late(monkeypatch, clip, micro_wei
 
 
 def test_refined_versions_stay_within_the_gaussian_budget(clip, micro_weights):
-    budget = 300  # a `micro` window of 4 frames predicts 320 Gaussians
-    session, seen = run_session(micro_weights, clip, budget=budget, refine_seconds=1.5)
+    budget = 300  # a `micro` window of 4 frames predicts 320 Gaussians (the network's own: the surface layer
+    # would take fewer rings to fit, see test_surface)
+    session, seen = run_session(micro_weights, clip, budget=budget, refine_seconds=1.5, surface=False)
 
     assert session.state == "ended", session.error
     counts = session.report.n_gaussians
