@@ -7,6 +7,7 @@ store it in their metadata as `point_index`; a fresh model picks it by farthest-
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from engine.fusion import POOL_FRAME
 from engine.gaussians import GaussianSet
 from engine.model.lgrt import LGRT
 from engine.reconstruct import Views, forward_batch, network_inputs, slot_sets
+from engine.refine import mirror_anchors
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,12 @@ class AvatarModel:
         small network trained on synthetic heads is blurry on real faces), off for the official weights, which
         keep the released behaviour."""
         return bool(self.metadata.get("surface", self.default_fusion == "visibility"))
+
+    @functools.cached_property
+    def mirror_points(self) -> torch.Tensor:
+        """(P,) each point prompt's mirror point across FLAME's left-right plane (computed once: for the official
+        network's 21,675 points it takes seconds on a CPU)."""
+        return mirror_anchors(self.prompts.v_template)
 
     @property
     def input_size(self) -> int:

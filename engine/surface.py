@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.color_fit import ColorFitConfig, fit_colors
-from engine.gaussians import GaussianSet
-from engine.refine import RefineFrames, mirror_anchors
+from engine.gaussians import GaussianSet, matrix_to_quaternion
+from engine.refine import RefineFrames
 
 #: `frame` of a surface Gaussian no frame has painted yet
 SURFACE_FRAME = -2
@@ -66,9 +66,10 @@ def surface_gaussians(prompts, config: SurfaceConfig | None = None, budget: int 
     offsets = disc[None, :, :1] * t1[:, None] + disc[None, :, 1:] * t2[:, None]  # (P,K,3)
     p, k = offsets.shape[:2]
     sigma = 0.6 * radius / max(rings, 1)
+    disc_axes = matrix_to_quaternion(torch.stack([t1, t2, normals], dim=-1))  # local z (the thin axis) -> normal
     return GaussianSet.from_activated(
         anchor=torch.arange(p, device=points.device).repeat_interleave(k), offset=offsets.reshape(-1, 3),
-        rotation=z_to(normals).repeat_interleave(k, dim=0),
+        rotation=disc_axes.repeat_interleave(k, dim=0),
         scale=torch.tensor([sigma, sigma, c.thickness], dtype=points.dtype, device=points.device).expand(p * k, 3),
         opacity=torch.full((p * k,), c.opacity, dtype=points.dtype, device=points.device),
         color=torch.full((p * k, 3), 0.5, dtype=points.dtype, device=points.device),
@@ -76,10 +77,11 @@ def surface_gaussians(prompts, config: SurfaceConfig | None = None, budget: int 
 
 
 def paint(layer: GaussianSet, network: GaussianSet, frames: RefineFrames, frame_ids: list[int], prompts, head,
-          config: SurfaceConfig | None = None) -> tuple[GaussianSet, dict]:
+          mirror: torch.Tensor, config: SurfaceConfig | None = None) -> tuple[GaussianSet, dict]:
     """Paint `layer` with `frames` (their stream ids `frame_ids`): children no frame has painted yet first take the
     colour the network gave their point (`network`: this window's Gaussians), then every child's colour is fitted
-    with its accumulated weight as its prior. Returns the painted layer and stats."""
+    with its accumulated weight as its prior. mirror: (P,) each point's mirror point
+    (`engine.refine.mirror_anchors`, computed once per model). Returns the painted layer and stats."""
     c = config or SurfaceConfig()
     unpainted = layer.importance <= 0
     seeded = torch.where(unpainted[:, None], anchor_colors(network, len(prompts))[layer.anchor], layer.color)
@@ -88,44 +90,44 @@ def paint(layer: GaussianSet, network: GaussianSet, frames: RefineFrames, frame_
     frame = torch.where(fit.weight >= SHOWN, ids[fit.source.clamp_min(0)], layer.frame)
     painted = replace(fit.gaussians, importance=layer.importance + fit.weight, frame=frame)
     if c.fill_unseen:
-        painted = fill_unseen(painted, prompts)
+        painted = fill_unseen(painted, prompts, mirror)
     stats = {"frames": len(frames), "painted": float((painted.importance >= 1).float().mean()),
              "residual_first": round(fit.residual_first, 5), "residual_last": round(fit.residual_last, 5)}
     return painted, stats
 
 
-def fill_unseen(layer: GaussianSet, prompts) -> GaussianSet:
+def fill_unseen(layer: GaussianSet, prompts, mirror: torch.Tensor) -> GaussianSet:
     """Children shown less than SHOWN take the importance-weighted colour of the shown children of their point's
-    mirror point (across FLAME's left-right plane, x = 0), or where that was not shown either, of the nearest
-    point with shown children (unchanged while no child was shown)."""
+    mirror point (`mirror`: (P,) index, across FLAME's left-right plane), or where that was not shown either, of
+    the nearest point with shown children (unchanged while no child was shown)."""
     shown = layer.importance >= SHOWN
     if not shown.any() or shown.all():
         return layer
     points = prompts.v_template.to(layer.color.dtype)
-    n = len(points)
-    weight = torch.where(shown, layer.importance, torch.zeros_like(layer.importance))
-    total = torch.zeros(n, 3, dtype=weight.dtype, device=weight.device).index_add(
-        0, layer.anchor, layer.color * weight[:, None])
-    mass = torch.zeros(n, dtype=weight.dtype, device=weight.device).index_add(0, layer.anchor, weight)
-    painted = torch.nonzero(mass > 0).squeeze(1)
-    colour = total[painted] / mass[painted, None]
-    source = torch.full((n,), -1, dtype=torch.long, device=weight.device)  # row of `colour` each point takes
-    source[painted] = torch.arange(len(painted), device=weight.device)
-    mirror = source[mirror_anchors(points)]
-    nearest = torch.cat([torch.cdist(points[i:i + 2048], points[painted]).argmin(dim=1)
-                         for i in range(0, n, 2048)])
-    fill = torch.where(mirror >= 0, mirror, nearest)
+    colour, mass = point_means(layer.anchor, layer.color, torch.where(shown, layer.importance, 0.0), len(points))
+    painted = mass > 0
+    fill = torch.where(painted[mirror], mirror, -1)
+    lost = torch.nonzero(fill < 0).squeeze(1)  # neither the point nor its mirror shown
+    candidates = torch.nonzero(painted).squeeze(1)
+    fill[lost] = candidates[torch.cat([torch.cdist(points[lost[i:i + 2048]], points[candidates]).argmin(dim=1)
+                                       for i in range(0, len(lost), 2048)])]
     return replace(layer, color=torch.where(shown[:, None], layer.color, colour[fill[layer.anchor]]))
 
 
 def anchor_colors(gaussians: GaussianSet, n_points: int) -> torch.Tensor:
     """(n_points,3) opacity-weighted mean colour of the Gaussians of each point (grey where it has none)."""
-    weight = gaussians.opacities.detach()
-    total = torch.zeros(n_points, 3, dtype=gaussians.color.dtype, device=gaussians.color.device)
-    total = total.index_add(0, gaussians.anchor, gaussians.color.detach() * weight[:, None])
-    mass = torch.zeros(n_points, dtype=weight.dtype, device=weight.device).index_add(0, gaussians.anchor, weight)
-    grey = torch.full_like(total, 0.5)
-    return torch.where(mass[:, None] > 1e-6, total / mass.clamp_min(1e-6)[:, None], grey)
+    colour, mass = point_means(gaussians.anchor, gaussians.color.detach(), gaussians.opacities.detach(), n_points)
+    return torch.where(mass[:, None] > 1e-6, colour, torch.full_like(colour, 0.5))
+
+
+def point_means(anchor: torch.Tensor, color: torch.Tensor, weight: torch.Tensor,
+                n_points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point: the `weight`-weighted mean of the colours of its Gaussians (n_points,3; 0 where the weights sum
+    to 0) and that sum of weights (n_points,)."""
+    total = torch.zeros(n_points, 3, dtype=color.dtype, device=color.device)
+    total = total.index_add(0, anchor, color * weight[:, None])
+    mass = torch.zeros(n_points, dtype=weight.dtype, device=weight.device).index_add(0, anchor, weight)
+    return total / mass.clamp_min(1e-12)[:, None], mass
 
 
 def median_spacing(points: torch.Tensor, chunk: int = 2048) -> float:
@@ -155,14 +157,3 @@ def tangents(normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     helper[:, 1] = 1.0 - helper[:, 0]
     t1 = torch.nn.functional.normalize(torch.cross(helper, normals, dim=-1), dim=-1)
     return t1, torch.cross(normals, t1, dim=-1)
-
-
-def z_to(normals: torch.Tensor) -> torch.Tensor:
-    """(P,4) unit quaternions wxyz turning +z onto each unit normal (a disc's thin axis onto the normal)."""
-    z = torch.zeros_like(normals)
-    z[:, 2] = 1.0
-    w = 1.0 + (z * normals).sum(-1, keepdim=True)
-    q = torch.cat([w, torch.cross(z, normals, dim=-1)], dim=-1)
-    opposite = w[:, 0] < 1e-6  # normal = -z: half a turn about x
-    q[opposite] = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=q.dtype, device=q.device)
-    return torch.nn.functional.normalize(q, dim=-1)

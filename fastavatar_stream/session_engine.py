@@ -165,7 +165,7 @@ class SessionEngine:
             layer = self.fuser.avatar if len(self.fuser.avatar) else surface_gaussians(prompts, self.surface_config,
                                                                                        self.fuser.budget)
             painted, stats = paint(layer.to(device), GaussianSet.fuse(sets).to(device), frames.to(device), frame_ids,
-                                   prompts, head, self.surface_config)
+                                   prompts, head, model.mirror_points.to(device), self.surface_config)
         return self.fuser.replace(painted.to("cpu"), {"surface": stats}, shape=shape)
 
     def refine(self, model: AvatarModel, job: RefineJob, timer,

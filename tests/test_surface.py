@@ -119,7 +119,8 @@ def test_painting_makes_the_layer_look_like_the_frames_and_remembers_them():
         importance=torch.ones(len(prompts)), frame=0)
     config = SurfaceConfig(fit=ColorFitConfig(iterations=3, backend="cpu"), fill_unseen=False)
     layer = surface_gaussians(prompts, config)
-    painted, stats = paint(layer, network, frames, [10, 11, 12, 13], prompts, head, config)
+    mirror = mirror_anchors(prompts.v_template)
+    painted, stats = paint(layer, network, frames, [10, 11, 12, 13], prompts, head, mirror, config)
 
     renderer = RefineSession(painted, prompts, head, RefineConfig(backend="cpu"))
     error = lambda g: (renderer.render_frames(frames, torch.arange(len(frames)), g)["rgb"]  # noqa: E731
@@ -136,10 +137,11 @@ def test_painting_makes_the_layer_look_like_the_frames_and_remembers_them():
 
     # the next window's frames weigh against everything painted before: a black frame barely darkens a child
     # painted by four frames, but fully paints one no frame had shown
+    first = torch.tensor([0])
     dark = dataclasses.replace(frames, images=torch.zeros_like(frames.images[:1]),
-                               cameras=frames.cameras.index(torch.tensor([0])), params=frames.params.index(torch.tensor([0])))
-    again, _ = paint(painted, network, dark, [20], prompts, head, config)
-    fresh, _ = paint(layer, network, dark, [20], prompts, head, config)
+                               cameras=frames.cameras.index(first), params=frames.params.index(first))
+    again, _ = paint(painted, network, dark, [20], prompts, head, mirror, config)
+    fresh, _ = paint(layer, network, dark, [20], prompts, head, mirror, config)
     both = (again.importance - painted.importance > 1) & shown
     assert both.sum() > 10
     assert again.color[both].mean() > 2 * fresh.color[both].mean()
@@ -160,9 +162,9 @@ def test_unseen_children_take_their_mirror_points_colour_or_the_nearest_painted_
     colour = torch.stack([prompts.v_template[:, 1] * 5 + 0.5, torch.full_like(x, 0.2), torch.rand(len(x))], 1)
     layer = dataclasses.replace(layer, color=torch.where(shown[:, None], colour, torch.zeros(3)),
                                 importance=torch.where(shown, 4.0, 0.1 * SHOWN))
-    filled = fill_unseen(layer, prompts)
-    assert torch.equal(filled.color[shown], layer.color[shown])          # what was shown stays
     mirror = mirror_anchors(prompts.v_template)
+    filled = fill_unseen(layer, prompts, mirror)
+    assert torch.equal(filled.color[shown], layer.color[shown])          # what was shown stays
     across = (x < -0.02) & shown[mirror]
     assert across.sum() > 50
     assert torch.allclose(filled.color[across], layer.color[mirror[across]])
@@ -170,7 +172,8 @@ def test_unseen_children_take_their_mirror_points_colour_or_the_nearest_painted_
     assert middle.any()
     nearest_shown = torch.cdist(prompts.v_template[middle], prompts.v_template[shown]).argmin(dim=1)
     assert torch.allclose(filled.color[middle], layer.color[shown][nearest_shown])
-    assert torch.equal(fill_unseen(surface_gaussians(prompts), prompts).color, surface_gaussians(prompts).color)
+    unpainted = surface_gaussians(prompts)
+    assert torch.equal(fill_unseen(unpainted, prompts, mirror).color, unpainted.color)
 
 
 def test_with_mattes_only_the_persons_pixels_paint():
